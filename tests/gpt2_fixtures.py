@@ -18,7 +18,7 @@ ALT = dict(n_layer=3, n_embd=48, n_head=3, vocab_size=97, n_positions=40)
 
 def make_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     """Returns a randomly initialised GPT-2 in eval mode with no dropout."""
-    cfg = dict(TINY, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = dict(TINY, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(**cfg))
