@@ -1,0 +1,366 @@
+"""GPT-2 in flax.linen, with Hugging Face's module names and an optional KV cache.
+
+The parameter tree mirrors ``GPT2LMHeadModel`` (see ``docs/architecture.md``): a dotted
+Flax module path such as ``transformer.h.0.attn.c_attn`` is the same string as the
+PyTorch module name, and every projection is a ``flax.linen.Dense`` whose kernel is the HF
+``Conv1D.weight`` as is, shape (in, out). LoRA relies on both facts: it intercepts
+``nn.Dense.__call__`` by module path.
+
+The model has no dropout. It always runs with eval semantics, which is what LoRA needs
+from a frozen base; dropout on the LoRA branch lives in the LoRA transform.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> config = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    >>> params = init_gpt2_params(config, jax.random.key(0))
+    >>> GPT2(config).apply({"params": params}, jnp.zeros((2, 5), jnp.int32)).shape
+    (2, 5, 11)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from os import PathLike
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+# HF activation names that mean GELU with the tanh approximation (GPT-2's "gelu_new").
+_TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GPT2Config:
+    """Shape of a GPT-2. Validated when built, so errors surface before any tracing.
+
+    Attributes:
+        vocab_size: Number of tokens (V).
+        n_positions: Longest sequence the position table covers (P).
+        n_embd: Model width (D).
+        n_layer: Number of transformer blocks.
+        n_head: Attention heads; must divide ``n_embd``.
+        layer_norm_epsilon: LayerNorm epsilon.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}.")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                "pick a head count that divides the width."
+            )
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}.")
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head (hs)."""
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf(cls, source: dict[str, Any] | str | PathLike) -> GPT2Config:
+        """Builds a config from a HF ``config.json`` (a dict, the file, or its directory).
+
+        Raises:
+            ValueError: The config describes a GPT-2 variant this model does not implement.
+
+        Example:
+            >>> GPT2Config.from_hf({"model_type": "gpt2", "n_embd": 64, "n_head": 4}).head_dim
+            16
+        """
+        hf = _read_hf_config(source)
+        _reject_unsupported_variants(hf)
+        fields = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
+        return cls(**fields)
+
+
+def _read_hf_config(source: dict[str, Any] | str | PathLike) -> dict[str, Any]:
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"No GPT-2 config at {path}; expected a HF config.json.")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _reject_unsupported_variants(hf: dict[str, Any]) -> None:
+    """Refuses HF options that would silently change the math of this implementation."""
+    problems = []
+    if hf.get("model_type", "gpt2") != "gpt2":
+        problems.append(f"model_type is {hf['model_type']!r}, expected 'gpt2'")
+    if hf.get("activation_function", "gelu_new") not in _TANH_GELU_NAMES:
+        problems.append(f"activation_function {hf['activation_function']!r} is not tanh-GELU")
+    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)):
+        problems.append(f"n_inner {hf['n_inner']} is not 4 * n_embd")
+    if not hf.get("scale_attn_weights", True):
+        problems.append("scale_attn_weights is false")
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("scale_attn_by_inverse_layer_idx is true")
+    if hf.get("add_cross_attention", False):
+        problems.append("add_cross_attention is true")
+    if problems:
+        raise ValueError("Unsupported GPT-2 config: " + "; ".join(problems) + ". Use a standard GPT-2 config.")
+
+
+def gpt2_small() -> GPT2Config:
+    """GPT-2 124M: width 768, 12 layers, 12 heads."""
+    return GPT2Config()
+
+
+def gpt2_medium() -> GPT2Config:
+    """GPT-2 355M: width 1024, 24 layers, 16 heads."""
+    return GPT2Config(n_embd=1024, n_layer=24, n_head=16)
+
+
+def gpt2_xl() -> GPT2Config:
+    """GPT-2 1.5B: width 1600, 48 layers, 25 heads."""
+    return GPT2Config(n_embd=1600, n_layer=48, n_head=25)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for a fixed-size window, plus how much of it is filled.
+
+    Attributes:
+        keys: One (B, S, nh, hs) array per layer.
+        values: One (B, S, nh, hs) array per layer.
+        length: int32 scalar, the number of positions already written (also the next position).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    length: jax.Array
+
+
+def init_cache(config: GPT2Config, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache able to hold ``max_length`` positions.
+
+    Example:
+        >>> cache = init_cache(GPT2Config(n_embd=8, n_head=2, n_layer=3), 1, 5)
+        >>> len(cache.keys), cache.keys[0].shape, int(cache.length)
+        (3, (1, 5, 2, 4), 0)
+    """
+    if not 1 <= max_length <= config.n_positions:
+        raise ValueError(
+            f"max_length must be in [1, n_positions={config.n_positions}], got {max_length}; "
+            "GPT-2 has no position embedding beyond n_positions."
+        )
+    shape = (batch_size, max_length, config.n_head, config.head_dim)  # (B, S, nh, hs)
+    empty = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
+    return KVCache(keys=empty, values=empty, length=jnp.zeros((), jnp.int32))
+
+
+def _dense(features: int, name: str, dtype: Any, param_dtype: Any, std: float) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.initializers.normal(std),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; ``c_attn`` packs q, k, v along its output axis."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None, start: jax.Array | None):
+        cfg = self.config
+        b, t, d = x.shape
+        proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2 scales residual projections by depth
+        qkv = _dense(3 * d, "c_attn", self.dtype, self.param_dtype, 0.02)(x)  # (B, T, 3D)
+        q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))  # (B, T, nh, hs)
+        if layer_cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, nh, hs)
+            new_layer_cache = None
+        else:
+            k_all, v_all = (
+                jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, start, 0, 0))
+                for buf, new in zip(layer_cache, (k, v))
+            )  # (B, S, nh, hs)
+            # Query i sits at position start + i and may see every cached position up to itself.
+            q_pos = start + jnp.arange(t)  # (T,)
+            kv_pos = jnp.arange(k_all.shape[1])  # (S,)
+            mask = (kv_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
+            new_layer_cache = (k_all, v_all)
+        y = y.reshape(b, t, d)  # (B, T, D)
+        return _dense(d, "c_proj", self.dtype, self.param_dtype, proj_std)(y), new_layer_cache
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: D -> 4D -> tanh-GELU -> D."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = self.config.n_embd
+        proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        h = _dense(4 * d, "c_fc", self.dtype, self.param_dtype, 0.02)(x)  # (B, T, 4D)
+        h = jax.nn.gelu(h, approximate=True)  # HF "gelu_new"
+        return _dense(d, "c_proj", self.dtype, self.param_dtype, proj_std)(h)  # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None, start: jax.Array | None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ln_kw = dict(epsilon=self.config.layer_norm_epsilon, **kw)
+        a, new_layer_cache = CausalSelfAttention(self.config, name="attn", **kw)(
+            nn.LayerNorm(name="ln_1", **ln_kw)(x), layer_cache, start
+        )
+        x = x + a
+        x = x + MLP(self.config, name="mlp", **kw)(nn.LayerNorm(name="ln_2", **ln_kw)(x))
+        return x, new_layer_cache
+
+
+class BlockStack(nn.Module):
+    """The ``h`` list: blocks named "0".."n-1", as in HF's ``ModuleList``."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+        block_cls = nn.remat(Block) if self.remat else Block
+        start = None if cache is None else cache.length
+        keys, values = [], []
+        for i in range(self.config.n_layer):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, new_layer_cache = block_cls(self.config, self.dtype, self.param_dtype, name=str(i))(x, layer_cache, start)
+            if new_layer_cache is not None:
+                keys.append(new_layer_cache[0])
+                values.append(new_layer_cache[1])
+        if cache is None:
+            return x, None
+        return x, KVCache(tuple(keys), tuple(values), cache.length + x.shape[1])
+
+
+class GPT2Transformer(nn.Module):
+    """HF's ``GPT2Model``: embeddings, blocks, final LayerNorm, and the tied output head."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self) -> None:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        embed_init = nn.initializers.normal(0.02)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, **kw)
+        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init, **kw)
+        self.h = BlockStack(cfg, remat=self.remat, **kw)
+        self.ln_f = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, **kw)
+
+    def __call__(self, input_ids: jax.Array, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+        start = 0 if cache is None else cache.length
+        positions = start + jnp.arange(input_ids.shape[1])  # (T,)
+        x = self.wte(input_ids) + self.wpe(positions)[None]  # (B, T, D)
+        x, new_cache = self.h(x, cache)
+        return self.ln_f(x), new_cache  # (B, T, D)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Tied head: ``h @ wte.embedding.T``, returned in float32."""
+        return self.wte.attend(h).astype(jnp.float32)  # (B, T, V)
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model (HF ``GPT2LMHeadModel``) without dropout.
+
+    Attributes:
+        config: Model shape.
+        dtype: Compute dtype (e.g. ``jnp.bfloat16``); logits are always float32.
+        param_dtype: Parameter dtype created by ``init``.
+        remat: Recompute each block in the backward pass (``nn.remat``) to save memory.
+            Parameter paths are unchanged.
+    """
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self) -> None:
+        self.transformer = GPT2Transformer(self.config, self.dtype, self.param_dtype, self.remat)
+
+    def __call__(self, input_ids: jax.Array, *, cache: KVCache | None = None):
+        """Next-token logits.
+
+        Args:
+            input_ids: (B, T) integer token ids. With a cache they sit at positions
+                ``cache.length .. cache.length + T - 1``; the caller must keep that below
+                the cache size (``generate`` checks it before tracing).
+            cache: Optional ``KVCache`` from ``init_cache`` or a previous call.
+
+        Returns:
+            float32 logits (B, T, V); with a cache, ``(logits, new_cache)``.
+        """
+        h, new_cache = self.transformer(self._checked(input_ids, cache), cache)
+        logits = self.transformer.logits(h)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden(self, input_ids: jax.Array) -> jax.Array:
+        """Final hidden states after ``ln_f``, (B, T, D) in the compute dtype.
+
+        Lets a caller compute the loss against ``params["transformer"]["wte"]["embedding"]``
+        in chunks instead of materialising (B, T, V) logits.
+        """
+        return self.transformer(self._checked(input_ids, None), None)[0]
+
+    def _checked(self, input_ids: jax.Array, cache: KVCache | None) -> jax.Array:
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"input_ids must be a (batch, time) integer array, got shape {input_ids.shape} "
+                f"and dtype {input_ids.dtype}; add a batch axis with ids[None]."
+            )
+        limit = self.config.n_positions if cache is None else cache.keys[0].shape[1]
+        if input_ids.shape[1] > limit:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} positions but at most {limit} fit "
+                f"({'n_positions' if cache is None else 'cache size'}); truncate the input."
+            )
+        return input_ids
+
+
+def init_gpt2_params(config: GPT2Config, key: jax.Array, param_dtype: Any = jnp.float32) -> Params:
+    """Random GPT-2 parameters (normal std 0.02, residual projections 0.02/sqrt(2 n_layer)).
+
+    Returns the tree under ``"params"``, i.e. ``{"transformer": {...}}``.
+    """
+    model = GPT2(config, param_dtype=param_dtype)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.jit(model.init)(key, ids)["params"]
