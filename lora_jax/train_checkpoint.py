@@ -6,7 +6,7 @@ A checkpoint is a directory ``step_00000100/`` under a checkpoint root, holding
   optax state (``opt_state.<dotted path>``) and the RNG key (``rng_key``);
 - ``manifest.json``: format version, step, ``examples_seen`` (the data position, see
   :mod:`lora_jax.text_data`), the per-step training losses so far, the run config the
-  checkpoint belongs to, and the name, shape and dtype of every tensor.
+  checkpoint belongs to, the held-out evaluations so far, and the name, shape and dtype of every tensor.
 
 Saves are atomic: everything is written into a temporary directory next to the final one,
 flushed, then renamed into place, so a run killed mid-save leaves the previous checkpoint as
@@ -59,6 +59,7 @@ class TrainState(NamedTuple):
         rng_key: the run's base PRNG key (raw ``uint32`` or typed key).
         examples_seen: training windows consumed, the data position.
         losses: training loss of every completed step, for the loss curve.
+        evals: ``(step, held-out loss)`` pairs measured so far.
     """
 
     step: int
@@ -67,6 +68,7 @@ class TrainState(NamedTuple):
     rng_key: Any
     examples_seen: int
     losses: tuple[float, ...]
+    evals: tuple[tuple[int, float], ...] = ()
 
 
 class CheckpointMismatchError(ValueError):
@@ -144,6 +146,7 @@ def _write_into(tmp: Path, state: TrainState, run_config: Mapping[str, Any]) -> 
         "step": int(state.step),
         "examples_seen": int(state.examples_seen),
         "losses": [float(x) for x in state.losses],
+        "evals": [[int(s), float(v)] for s, v in state.evals],
         "run_config": _json_roundtrip(run_config),
         "tensors": {name: _spec(a) for name, a in sorted(arrays.items())},
     }
@@ -240,7 +243,7 @@ def restore_checkpoint(path: str | os.PathLike, template: TrainState,
     Args:
         path: a checkpoint directory written by :func:`save_checkpoint`.
         template: a state with the expected structure (e.g. fresh ``init_lora``/``tx.init``);
-            its ``step``, ``examples_seen`` and ``losses`` are ignored.
+            its ``step``, ``examples_seen``, ``losses`` and ``evals`` are ignored.
         run_config: the current run's settings; must equal the stored ones.
 
     Returns:
@@ -269,4 +272,5 @@ def restore_checkpoint(path: str | os.PathLike, template: TrainState,
         key = jax.random.wrap_key_data(key, impl=jax.random.key_impl(template.rng_key))
     return TrainState(step=int(manifest["step"]), lora=trees["lora"], opt_state=trees["opt_state"],
                       rng_key=key, examples_seen=int(manifest["examples_seen"]),
-                      losses=tuple(float(x) for x in manifest["losses"]))
+                      losses=tuple(float(x) for x in manifest["losses"]),
+                      evals=tuple((int(s), float(v)) for s, v in manifest["evals"]))

@@ -32,7 +32,8 @@ def _state(step: int = 5, rank: int = 2, key=None) -> TrainState:
     _, opt_state = tx.update(grads, opt_state, lora)
     return TrainState(step=step, lora=lora, opt_state=opt_state,
                       rng_key=jax.random.PRNGKey(11) if key is None else key,
-                      examples_seen=4 * step, losses=tuple(0.1 * i + 1 / 3 for i in range(step)))
+                      examples_seen=4 * step, losses=tuple(0.1 * i + 1 / 3 for i in range(step)),
+                      evals=((0, 3.25), (step, 1 / 7)))
 
 
 def _assert_trees_identical(a, b):
@@ -48,6 +49,7 @@ def test_round_trip_is_bit_exact_for_lora_optimizer_rng_and_position(tmp_path):
     back = restore_checkpoint(save_checkpoint(tmp_path, state, CONFIG), _state(step=0), CONFIG)
     assert (back.step, back.examples_seen) == (5, 20)
     assert back.losses == state.losses  # python floats survive JSON exactly
+    assert back.evals == ((0, 3.25), (5, 1 / 7))
     _assert_trees_identical(back.lora, state.lora)
     _assert_trees_identical(back.opt_state, state.opt_state)
     assert jax.tree.structure(back.opt_state) == jax.tree.structure(state.opt_state)
