@@ -1,0 +1,155 @@
+"""``inject_lora``: swap the targeted ``nn.Linear`` / ``Conv1D`` children for LoRA wrappers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from lora_torch.layers import WRAPPER_FOR_TYPE, LoRAWrapper, check_lora_settings
+from lora_torch.targeting import (
+    TargetModules,
+    check_layers_to_transform,
+    check_target_modules,
+    module_is_targeted,
+    summarize_names,
+)
+
+_SUPPORTED = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in WRAPPER_FOR_TYPE)
+
+
+def lora_wrappers(model: nn.Module) -> dict[str, LoRAWrapper]:
+    """Returns every LoRA wrapper in ``model`` by dotted module name, in module order.
+
+    >>> model = inject_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], rank=2, verbose=False)
+    >>> list(lora_wrappers(model))
+    ['0']
+    """
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRAWrapper)}
+
+
+def lora_module_names(model: nn.Module) -> list[str]:
+    """Returns the dotted names of the modules that carry LoRA (the names ``inject_lora`` replaced)."""
+    return list(lora_wrappers(model))
+
+
+def targetable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules, without the insides of existing wrappers (a wrapper's base_layer is not a target)."""
+    kept, wrapper_prefixes = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in wrapper_prefixes):
+            continue
+        kept.append((name, module))
+        if isinstance(module, LoRAWrapper):
+            wrapper_prefixes.append(name + ".")
+    return kept
+
+
+def find_target_modules(
+    model: nn.Module,
+    target_modules: TargetModules,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+) -> list[tuple[str, nn.Module]]:
+    """Returns the ``(name, module)`` pairs a target setting selects; raises a ValueError if none.
+
+    >>> [name for name, _ in find_target_modules(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "[0-9]")]
+    ['0', '1']
+    """
+    modules = targetable_modules(model)
+    matched = [(name, module) for name, module in modules
+               if name and module_is_targeted(name, target_modules, layers_to_transform, layers_pattern)]
+    if not matched:
+        candidates = [name for name, module in modules
+                      if isinstance(module, tuple(WRAPPER_FOR_TYPE) + (LoRAWrapper,))]
+        raise ValueError(
+            f"target_modules={target_modules!r} (layers_to_transform={layers_to_transform!r}) matched no module "
+            f"of {type(model).__name__}. List entries match a module whose dotted name equals the entry or ends "
+            f"in '.' + entry; a str is a regex fullmatched against the name. Candidate modules: "
+            f"{summarize_names(candidates)}")
+    return matched
+
+
+def check_wrappable(matched: list[tuple[str, nn.Module]]) -> None:
+    """Raises unless every matched module is an ``nn.Linear`` / ``Conv1D`` that has no LoRA yet."""
+    wrapped = [name for name, module in matched if isinstance(module, LoRAWrapper)]
+    if wrapped:
+        # Raising (rather than skipping) keeps one adapter per module: a nested wrapper would
+        # silently stack two updates, and a skipped one would ignore the new rank/alpha.
+        raise ValueError(f"these modules already carry LoRA: {wrapped}. Injecting twice would nest adapters; "
+                         "call merge_lora_weights(model) first, or choose target_modules without them.")
+    unsupported = [f"{name} ({type(module).__name__})" for name, module in matched
+                   if not isinstance(module, tuple(WRAPPER_FOR_TYPE))]
+    if unsupported:
+        raise TypeError(f"target_modules matched modules of unsupported type: {unsupported}. Supported types: "
+                        f"{_SUPPORTED}. Name the linear layers inside them instead (e.g. 'c_attn', not 'attn').")
+
+
+def _wrap(module: nn.Module, **lora_kwargs) -> LoRAWrapper:
+    for base_type, wrapper_type in WRAPPER_FOR_TYPE.items():
+        if isinstance(module, base_type):
+            return wrapper_type(module, **lora_kwargs)
+    raise TypeError(f"cannot wrap {type(module).__name__}; supported types: {_SUPPORTED}.")
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: TargetModules,
+    rank: int = 8,
+    lora_alpha: float = 16.0,
+    *,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    verbose: bool = True,
+) -> nn.Module:
+    """Replaces each targeted ``nn.Linear`` / ``Conv1D`` with its LoRA wrapper, in place.
+
+    Every check runs before any module is replaced, so an error leaves ``model`` unchanged.
+    Injecting into a module that already carries LoRA raises instead of nesting adapters.
+
+    Args:
+        model: the model to adapt (modified in place).
+        target_modules: a list of module names (exact dotted name or ``"." + suffix`` match), or one
+            regex string fullmatched against dotted names. Same rule as PEFT.
+        rank: LoRA rank ``r``.
+        lora_alpha: LoRA ``alpha``; the branch is scaled by ``alpha / r``.
+        dropout: dropout probability on the LoRA branch's input.
+        use_rslora: scale by ``alpha / sqrt(r)``.
+        layers_to_transform: keep only modules in these layer indices (``h.{i}``), as PEFT does.
+            Not allowed with a regex string: PEFT ignores it there, so put the index in the regex.
+        layers_pattern: the name of the layer list (``"h"`` for GPT-2) when the default rule,
+            the first ``<name>.<digits>.`` segment, picks the wrong index.
+        verbose: print the replaced module names (the tutorial's report).
+
+    Returns:
+        ``model``; ``lora_module_names(model)`` lists the replaced modules.
+
+    Raises:
+        ValueError: nothing matched (the message lists candidates), a module already has LoRA,
+            or a setting is out of range.
+        TypeError: a matched module is neither ``nn.Linear`` nor ``Conv1D``.
+
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> model = inject_lora(model, ["0", "2"], rank=2, lora_alpha=4.0, verbose=False)
+    >>> type(model[0]).__name__, lora_module_names(model)
+    ('LinearWithLoRA', ['0', '2'])
+    """
+    check_target_modules(target_modules)
+    check_layers_to_transform(layers_to_transform)
+    check_lora_settings(rank, lora_alpha, dropout)
+    if isinstance(target_modules, str) and layers_to_transform is not None:
+        raise ValueError("layers_to_transform does not apply to a regex target_modules (PEFT ignores it there); "
+                         r"put the layer index in the regex, e.g. r'.*\.h\.(0|1)\.attn\.c_attn'.")
+    matched = find_target_modules(model, target_modules, layers_to_transform, layers_pattern)
+    check_wrappable(matched)
+    wrappers = {name: _wrap(module, rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora)
+                for name, module in matched}
+    for name, wrapper in wrappers.items():
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, wrapper)
+    if verbose:
+        print(f"inject_lora: replaced {len(wrappers)} modules (rank={rank}, alpha={lora_alpha:g}): "
+              f"{', '.join(wrappers)}")
+    return model

@@ -1,0 +1,85 @@
+"""Merge: fold each LoRA update into its base weight, and the way back.
+
+``merge_lora_weights`` replaces every wrapper with a copy of its base layer (a plain ``nn.Linear``
+or ``Conv1D``) whose weight is ``W0 + s * (A @ B).T`` (Linear, (out, in)) or ``W0 + s * A @ B``
+(Conv1D, (in, out)). Subtracting the update again would not give ``W0`` back bit for bit (float
+rounding), so by default the merged layer keeps a reference to its wrapper, whose ``base_layer``
+still holds the untouched ``W0``; ``unmerge_lora_weights`` puts the wrapper back, exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lora_torch.inject import lora_wrappers
+from lora_torch.layers import LoRAWrapper
+
+# Set with object.__setattr__ so the wrapper is not registered as a submodule: the merged model's
+# state_dict, parameters() and save_pretrained see only the plain layer.
+_UNMERGE_ATTR = "lora_unmerge_wrapper"
+
+
+def _merged_layer(wrapper: LoRAWrapper, keep_for_unmerge: bool) -> nn.Module:
+    base = wrapper.base_layer
+    merged = copy.deepcopy(base) if keep_for_unmerge else base
+    with torch.no_grad():
+        # Sum in float32 at least, so a half-precision base is rounded once, not twice.
+        summed = merged.weight.float() + wrapper.delta_weight().float()
+        merged.weight.copy_(summed.to(merged.weight.dtype))
+    if keep_for_unmerge:
+        object.__setattr__(merged, _UNMERGE_ATTR, wrapper)
+    return merged
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
+
+
+def merge_lora_weights(model: nn.Module, *, keep_for_unmerge: bool = True) -> nn.Module:
+    """Replaces every LoRA wrapper with a plain layer holding the merged weight; returns ``model``.
+
+    Args:
+        model: a model with LoRA injected (modified in place).
+        keep_for_unmerge: keep each wrapper (and so the exact base weight) for
+            ``unmerge_lora_weights``. Costs one extra copy of each targeted weight; pass False to
+            merge in place when memory matters and no way back is needed.
+
+    Raises:
+        ValueError: the model has no LoRA wrappers.
+
+    >>> from lora_torch.inject import inject_lora
+    >>> model = inject_lora(nn.Sequential(nn.Linear(4, 3)), ["0"], rank=2, verbose=False)
+    >>> type(merge_lora_weights(model)[0]).__name__
+    'Linear'
+    """
+    wrappers = lora_wrappers(model)
+    if not wrappers:
+        raise ValueError(f"{type(model).__name__} has no LoRA wrappers to merge; call inject_lora(model, ...) first.")
+    for name, wrapper in wrappers.items():
+        _replace(model, name, _merged_layer(wrapper, keep_for_unmerge))
+    return model
+
+
+def unmerge_lora_weights(model: nn.Module) -> nn.Module:
+    """Puts back the LoRA wrappers that ``merge_lora_weights`` replaced; returns ``model``.
+
+    The base weights come back bit-identical to before the merge. Changes made to the merged
+    weights after merging (e.g. further training) are discarded.
+
+    Raises:
+        ValueError: no merged layer kept its wrapper (nothing merged, or ``keep_for_unmerge=False``).
+    """
+    restorable = {name: module.__dict__[_UNMERGE_ATTR] for name, module in model.named_modules()
+                  if _UNMERGE_ATTR in module.__dict__}
+    if not restorable:
+        raise ValueError("nothing to unmerge: no layer was merged by merge_lora_weights(model, keep_for_unmerge=True).")
+    for name, wrapper in restorable.items():
+        merged = model.get_submodule(name)
+        # Follow any .to(device/dtype) the model had after the merge; the kept wrapper was not moved with it.
+        wrapper.to(device=merged.weight.device, dtype=merged.weight.dtype)
+        _replace(model, name, wrapper)
+    return model
