@@ -1,1 +1,47 @@
-"""lora_torch."""
+"""LoRA for PyTorch and transformers' GPT-2, in the classic tutorial's design, with its mistakes fixed.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+>>> model = freeze_base_model(inject_lora(model, ["0", "2"], rank=2, lora_alpha=4.0, verbose=False))
+>>> print_trainable_parameters(model)["trainable"]
+trainable params: 44 || all params: 102 || trainable%: 43.1373
+44
+"""
+
+from lora_torch.inject import find_target_modules, inject_lora, lora_module_names, lora_wrappers
+from lora_torch.layers import Conv1DWithLoRA, LinearWithLoRA, LoRALayer, LoRAWrapper, lora_scaling
+from lora_torch.lora_weights import load_lora_weights, save_lora_weights
+from lora_torch.merge import merge_lora_weights, unmerge_lora_weights
+from lora_torch.peft_adapter import load_adapter, peft_state_dict, save_adapter
+from lora_torch.peft_config import build_adapter_config
+from lora_torch.trainable import (
+    freeze_base_model,
+    lora_parameters,
+    print_trainable_parameters,
+    unfreeze_lora_parameters,
+)
+
+__all__ = [
+    "Conv1DWithLoRA",
+    "LinearWithLoRA",
+    "LoRALayer",
+    "LoRAWrapper",
+    "build_adapter_config",
+    "find_target_modules",
+    "freeze_base_model",
+    "inject_lora",
+    "load_adapter",
+    "load_lora_weights",
+    "lora_module_names",
+    "lora_parameters",
+    "lora_scaling",
+    "lora_wrappers",
+    "merge_lora_weights",
+    "peft_state_dict",
+    "print_trainable_parameters",
+    "save_adapter",
+    "save_lora_weights",
+    "unfreeze_lora_parameters",
+    "unmerge_lora_weights",
+]

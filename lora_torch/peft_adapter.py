@@ -1,0 +1,144 @@
+"""PEFT's adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys are ``base_model.model.<module>.lora_A.weight`` holding ``A.T`` (r, in) and
+``...lora_B.weight`` holding ``B.T`` (out, r), float32, exactly what ``peft`` writes and reads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora_torch.inject import check_wrappable, find_target_modules, inject_lora, lora_wrappers
+from lora_torch.layers import LoRAWrapper, lora_scaling
+from lora_torch.lora_weights import check_tensors_fit
+from lora_torch.peft_config import AdapterSpec, build_adapter_config, parse_adapter_config
+from lora_torch.tensor_files import read_json, read_tensors, write_json, write_safetensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT; read only with weights_only=True
+KEY_PREFIX = "base_model.model."
+
+
+def peft_keys(module_name: str) -> tuple[str, str]:
+    """Returns the PEFT tensor keys of a module's A and B.
+
+    >>> peft_keys("transformer.h.0.attn.c_attn")[1]
+    'base_model.model.transformer.h.0.attn.c_attn.lora_B.weight'
+    """
+    stem = f"{KEY_PREFIX}{module_name}"
+    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+
+
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Returns the model's LoRA tensors under PEFT keys and layouts (A.T, B.T), as float32."""
+    state = {}
+    for name, wrapper in lora_wrappers(model).items():
+        key_a, key_b = peft_keys(name)
+        state[key_a] = wrapper.lora.lora_A.detach().T.float()
+        state[key_b] = wrapper.lora.lora_B.detach().T.float()
+    return state
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+    """Writes the injected LoRA as a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads.
+
+    Each file is written to a temporary file in ``directory`` and renamed over its destination,
+    the weights first and the config last; ``load_adapter`` checks that the two agree.
+
+    Args:
+        model: a model with LoRA injected (one rank/alpha/dropout/use_rslora for all modules).
+        directory: destination directory (created if needed; other files in it are left alone).
+        base_model_name_or_path: recorded in the config, e.g. ``"gpt2"`` or a checkpoint directory.
+
+    Returns:
+        The directory path.
+    """
+    config = build_adapter_config(model, base_model_name_or_path)
+    directory = Path(directory)
+    write_safetensors(peft_state_dict(model), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    write_json(config, directory / CONFIG_NAME)
+    return directory
+
+
+def _read_adapter_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    for name in (WEIGHTS_NAME, PICKLED_WEIGHTS_NAME):
+        if (directory / name).is_file():
+            return read_tensors(directory / name), str(directory / name)
+    raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}; it is not a PEFT adapter directory.")
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, LoRAWrapper):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)  # Conv1D stores (in, out)
+
+
+def _compatible_wrappers(model: nn.Module, spec: AdapterSpec, source: str) -> dict[str, LoRAWrapper]:
+    """Returns the existing wrappers when they match ``spec`` exactly; raises otherwise."""
+    existing = lora_wrappers(model)
+    selected = [name for name, _ in find_target_modules(model, spec.target_modules, spec.layers_to_transform,
+                                                         spec.layers_pattern)]
+    same_modules = sorted(selected) == sorted(existing)
+    want_scaling = lora_scaling(spec.rank, spec.lora_alpha, spec.use_rslora)
+    same_settings = all(w.lora.rank == spec.rank and w.lora.scaling == want_scaling for w in existing.values())
+    if not (same_modules and same_settings):
+        raise ValueError(f"{source} does not match the LoRA already in the model (modules {sorted(existing)[:3]}..., "
+                         f"rank/scaling of each); load it into the plain base model instead, or merge first.")
+    return existing
+
+
+def _expected_shapes(modules: dict[str, nn.Module], rank: int) -> dict[str, torch.Tensor]:
+    # Meta tensors carry only shapes, so checking costs no memory.
+    expected = {}
+    for name, module in modules.items():
+        in_features, out_features = _in_out(module)
+        key_a, key_b = peft_keys(name)
+        expected[key_a] = torch.empty(rank, in_features, device="meta")
+        expected[key_b] = torch.empty(out_features, rank, device="meta")
+    return expected
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Loads a PEFT LoRA adapter directory into ``model``; returns ``model``.
+
+    A plain model gets LoRA injected as the config says; a model that already carries exactly that
+    LoRA (same modules, rank and scaling) has its weights overwritten. The config, every tensor
+    name and every shape are checked before the model is touched, so any error leaves it unchanged.
+
+    Args:
+        model: the base model the adapter was trained on (e.g. ``GPT2LMHeadModel.from_pretrained``).
+        directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: bad or unsupported config, truncated file, missing/unknown keys, wrong shapes
+            (e.g. an adapter for a different base model), or incompatible existing LoRA.
+        TypeError: the config targets modules that are not ``nn.Linear`` / ``Conv1D``.
+    """
+    directory = Path(directory)
+    spec = parse_adapter_config(read_json(directory / CONFIG_NAME), str(directory / CONFIG_NAME))
+    tensors, source = _read_adapter_tensors(directory)
+    if lora_wrappers(model):
+        modules = _compatible_wrappers(model, spec, source)
+    else:
+        matched = find_target_modules(model, spec.target_modules, spec.layers_to_transform, spec.layers_pattern)
+        check_wrappable(matched)
+        modules = dict(matched)
+    check_tensors_fit(_expected_shapes(modules, spec.rank), tensors, source)
+    if not lora_wrappers(model):
+        inject_lora(model, spec.target_modules, spec.rank, spec.lora_alpha, dropout=spec.dropout,
+                    use_rslora=spec.use_rslora, layers_to_transform=spec.layers_to_transform,
+                    layers_pattern=spec.layers_pattern, verbose=False)
+    with torch.no_grad():
+        for name, wrapper in lora_wrappers(model).items():
+            key_a, key_b = peft_keys(name)
+            wrapper.lora.lora_A.copy_(tensors[key_a].T)
+            wrapper.lora.lora_B.copy_(tensors[key_b].T)
+    return model
