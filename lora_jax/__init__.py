@@ -1,1 +1,86 @@
-"""lora_jax."""
+"""LoRA as a functional transform of Flax parameter pytrees, plus a Flax GPT-2.
+
+The core is model-agnostic: ``init_lora`` builds a LoRA tree mirroring the targeted
+``nn.Dense`` kernels, ``lora_apply`` adds ``s * (x A) B`` to those layers by intercepting their
+calls, ``make_train_step`` differentiates only the LoRA tree, ``merge`` folds it into the
+kernels, and ``save_adapter``/``load_adapter`` speak PEFT's adapter format.
+
+Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import lora_jax
+    >>> class MLP(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return nn.Dense(2, name="out")(nn.relu(nn.Dense(8, name="hidden")(x)))
+    >>> model, x = MLP(), jnp.ones((1, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> config = lora_jax.LoraConfig(rank=2, alpha=4.0, target_modules=["hidden", "out"])
+    >>> lora = lora_jax.init_lora(params, config, jax.random.key(1))
+    >>> lora_jax.count_params(lora)
+    44
+    >>> forward = lora_jax.lora_apply(model.apply, config)
+    >>> bool(jnp.array_equal(forward(params, lora, x), model.apply({"params": params}, x)))  # B = 0
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lora_jax.config import LoraConfig
+from lora_jax.counting import count_params, lora_param_count, trainable_summary
+from lora_jax.forward import lora_apply, lora_branch, lora_interception
+from lora_jax.initialize import a_init_bound, init_lora
+from lora_jax.lora_tree import lora_modules
+from lora_jax.losses import causal_lm_loss, gpt2_lm_loss, next_token_loss
+from lora_jax.merge import lora_delta, merge, unmerge
+from lora_jax.partition import combine, split, trainable_labels, trainable_mask
+from lora_jax.targets import dotted_name, resolve_targets
+from lora_jax.train_step import lora_optimizer, make_combined_train_step, make_train_step
+
+# Names from modules that are heavier or optional load on first use (PEP 562).
+_LAZY = {
+    "load_adapter": "lora_jax.peft_format",
+    "save_adapter": "lora_jax.peft_format",
+    "GPT2": "lora_jax.gpt2_model",
+    "GPT2Config": "lora_jax.gpt2_model",
+    "init_gpt2_params": "lora_jax.gpt2_model",
+    "load_gpt2": "lora_jax.gpt2_loading",
+    "save_gpt2": "lora_jax.gpt2_loading",
+}
+
+__all__ = [
+    "LoraConfig",
+    "a_init_bound",
+    "causal_lm_loss",
+    "combine",
+    "count_params",
+    "dotted_name",
+    "gpt2_lm_loss",
+    "init_lora",
+    "lora_apply",
+    "lora_branch",
+    "lora_delta",
+    "lora_interception",
+    "lora_modules",
+    "lora_optimizer",
+    "lora_param_count",
+    "make_combined_train_step",
+    "make_train_step",
+    "merge",
+    "next_token_loss",
+    "resolve_targets",
+    "split",
+    "trainable_labels",
+    "trainable_mask",
+    "trainable_summary",
+    "unmerge",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")

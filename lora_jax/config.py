@@ -1,0 +1,144 @@
+"""The LoRA hyper-parameters, validated once when the config is built.
+
+Everything that can be wrong about a config is caught here, in plain Python, so that no bad
+value ever reaches a jitted function. The config is frozen and hashable, which also lets it be
+a static argument of ``jax.jit``.
+
+Example:
+    >>> config = LoraConfig(rank=8, alpha=16.0, target_modules=["c_attn", "c_proj"])
+    >>> config.target_modules, config.scaling
+    (('c_attn', 'c_proj'), 2.0)
+    >>> LoraConfig(rank=4, alpha=8.0, target_modules=["c_attn"], use_rslora=True).scaling
+    4.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; `rank=True` is a typo, not a rank of one.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Which dense layers get a LoRA branch, and its rank, scale and dropout.
+
+    Attributes:
+        rank: The rank ``r`` of ``A`` (in, r) and ``B`` (r, out); an int > 0.
+        alpha: The scale numerator; the branch is multiplied by ``scaling``.
+        target_modules: A list or tuple of module names: an entry matches a module whose dotted
+            name equals it or ends with ``"." + entry`` (``"c_proj"`` hits ``attn.c_proj`` and
+            ``mlp.c_proj``, never ``c_proj_extra``). A single string is a regular expression
+            that must match the whole dotted name. Lists are stored as tuples.
+        dropout: Dropout probability on the LoRA branch input, in [0, 1).
+        use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of
+            ``alpha / rank``.
+        layers_to_transform: ``None`` for every layer, or layer indices (ints >= 0; a single
+            int is accepted). A module's layer index is the number that follows a path
+            component named ``h``, ``layers``, ``layer``, ``blocks`` or ``block``. Only
+            valid with a list of target modules, as in PEFT.
+
+    Raises:
+        TypeError: A field has the wrong type.
+        ValueError: A field has a value outside its range.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] | str
+    dropout: float = 0.0
+    use_rslora: bool = False
+    layers_to_transform: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank)
+        _check_alpha(self.alpha)
+        _check_dropout(self.dropout)
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}.")
+        # The dataclass is frozen; normalising fields at construction is the one allowed write.
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
+        layers = _normalise_layers(self.layers_to_transform)
+        if layers is not None and isinstance(self.target_modules, str):
+            raise ValueError(
+                "LoraConfig.layers_to_transform needs target_modules to be a list of names; with a "
+                "regex string PEFT ignores layers_to_transform. Put the layer numbers in the regex "
+                r"instead, e.g. r'.*\.h\.(0|1)\.attn\.c_attn'."
+            )
+        object.__setattr__(self, "layers_to_transform", layers)
+
+    @property
+    def scaling(self) -> float:
+        """The factor ``s`` of ``s * (x A) B``: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
+        if self.use_rslora:
+            return self.alpha / math.sqrt(self.rank)
+        return self.alpha / self.rank
+
+
+def _check_rank(rank: object) -> None:
+    if not _is_int(rank):
+        raise TypeError(f"LoraConfig.rank must be an int, got {rank!r} ({type(rank).__name__}).")
+    if rank <= 0:
+        raise ValueError(f"LoraConfig.rank must be > 0, got {rank}; typical ranks are 4 to 64.")
+
+
+def _check_alpha(alpha: object) -> None:
+    if not _is_real(alpha):
+        raise TypeError(f"LoraConfig.alpha must be a number, got {alpha!r} ({type(alpha).__name__}).")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"LoraConfig.alpha must be a finite number > 0, got {alpha}; a common choice is 2 * rank.")
+
+
+def _check_dropout(dropout: object) -> None:
+    if not _is_real(dropout):
+        raise TypeError(f"LoraConfig.dropout must be a number, got {dropout!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {dropout}; use 0.0 to disable it.")
+
+
+def _normalise_targets(targets: object) -> tuple[str, ...] | str:
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(
+                f"LoraConfig.target_modules {targets!r} is a single string, so it is read as a regex, "
+                f"and it does not compile: {err}. Pass a list of names for exact/suffix matching."
+            ) from None
+        return targets
+    if not isinstance(targets, Sequence):
+        raise TypeError(
+            f"LoraConfig.target_modules must be a list/tuple of module names or one regex string, got {targets!r}."
+        )
+    names = tuple(targets)
+    if not names:
+        raise ValueError("LoraConfig.target_modules is empty; name at least one module, e.g. ['c_attn'].")
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"LoraConfig.target_modules entries must be non-empty strings, got {name!r}.")
+    return names
+
+
+def _normalise_layers(layers: object) -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    if _is_int(layers):
+        layers = (layers,)
+    if not isinstance(layers, Sequence) or isinstance(layers, str):
+        raise TypeError(f"LoraConfig.layers_to_transform must be None, an int or a list of ints, got {layers!r}.")
+    for index in layers:
+        if not _is_int(index) or index < 0:
+            raise ValueError(f"LoraConfig.layers_to_transform entries must be ints >= 0, got {index!r}.")
+    if not layers:
+        raise ValueError("LoraConfig.layers_to_transform is empty; use None to transform every layer.")
+    return tuple(layers)

@@ -1,0 +1,53 @@
+"""Parameter counts: how many numbers LoRA trains, without allocating the model.
+
+Counts read only ``.shape``, so they work on ``jax.ShapeDtypeStruct`` trees from
+``jax.eval_shape``: GPT-2 small can be counted without its 124M floats.
+
+Example:
+    >>> import numpy as np
+    >>> from lora_jax.config import LoraConfig
+    >>> params = {"a": {"kernel": np.zeros((10, 20)), "bias": np.zeros(20)}}
+    >>> count_params(params)
+    220
+    >>> lora_param_count(params, LoraConfig(rank=2, target_modules=["a"]))
+    60
+    >>> trainable_summary(params, {"a": {"lora_A": np.zeros((10, 2)), "lora_B": np.zeros((2, 20))}})
+    {'trainable': 60, 'total': 280, 'ratio': 0.21428571428571427}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from lora_jax.config import LoraConfig
+from lora_jax.lora_tree import get_module
+from lora_jax.targets import resolve_targets
+
+
+def count_params(tree: Any) -> int:
+    """The number of scalars in a pytree of arrays or ``ShapeDtypeStruct``."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def lora_param_count(params: Mapping[str, Any], config: LoraConfig) -> int:
+    """Trainable LoRA scalars ``sum r * (in + out)`` over the modules ``config`` targets.
+
+    Raises:
+        ValueError: As ``resolve_targets``.
+    """
+    total = 0
+    for path in resolve_targets(params, config):
+        fan_in, fan_out = get_module(params, path)["kernel"].shape
+        total += config.rank * (fan_in + fan_out)
+    return total
+
+
+def trainable_summary(frozen: Any, lora: Any) -> dict[str, float]:
+    """``{"trainable", "total", "ratio"}`` for a frozen tree plus its LoRA tree (the tutorial's numbers)."""
+    trainable = count_params(lora)
+    total = count_params(frozen) + trainable
+    return {"trainable": trainable, "total": total, "ratio": trainable / total if total else 0.0}

@@ -1,0 +1,79 @@
+"""The LoRA tree: a nested dict that mirrors the targeted modules' paths.
+
+Each adapted module contributes one dict with two leaves, ``lora_A`` (in, r) and ``lora_B``
+(r, out), at the same path its ``kernel`` has in the params tree (docs/architecture.md).
+
+Example:
+    >>> import numpy as np
+    >>> tree = nest({("h", "0", "attn"): {"lora_A": np.zeros((4, 2)), "lora_B": np.zeros((2, 4))}})
+    >>> list(tree["h"]["0"]["attn"])
+    ['lora_A', 'lora_B']
+    >>> [(path, a.shape, b.shape) for path, (a, b) in lora_modules(tree).items()]
+    [(('h', '0', 'attn'), (4, 2), (2, 4))]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+LORA_A = "lora_A"
+LORA_B = "lora_B"
+LORA_KEYS = (LORA_A, LORA_B)
+
+ModulePath = tuple[str, ...]
+
+
+def nest(entries: Mapping[ModulePath, Any]) -> dict[str, Any]:
+    """Builds a nested dict holding ``entries[path]`` at each path.
+
+    Raises:
+        ValueError: One path is a prefix of another, so both cannot be stored.
+    """
+    tree: dict[str, Any] = {}
+    for path, value in entries.items():
+        if not path:
+            raise ValueError("A module path must not be empty; the root of a params tree is not a module.")
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"Path {path} runs through a leaf; module paths must not nest in each other.")
+        if path[-1] in node:
+            raise ValueError(f"Path {path} is given twice or contains another module path.")
+        node[path[-1]] = value
+    return tree
+
+
+def lora_modules(lora: Mapping[str, Any], prefix: ModulePath = ()) -> dict[ModulePath, tuple[Any, Any]]:
+    """Flattens a LoRA tree to ``{module_path: (A, B)}`` in tree order.
+
+    Raises:
+        ValueError: A module dict does not hold exactly ``lora_A`` and ``lora_B``.
+    """
+    found: dict[ModulePath, tuple[Any, Any]] = {}
+    if LORA_A in lora or LORA_B in lora:
+        if set(lora) != set(LORA_KEYS):
+            raise ValueError(
+                f"LoRA module {'.'.join(prefix)!r} must hold exactly {LORA_KEYS}, got keys {sorted(lora)}."
+            )
+        found[prefix] = (lora[LORA_A], lora[LORA_B])
+        return found
+    for key, value in lora.items():
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"Unexpected leaf {'.'.join((*prefix, str(key)))!r} in a LoRA tree; leaves must be "
+                f"named {LORA_KEYS}. Did you pass the params tree instead of the LoRA tree?"
+            )
+        found.update(lora_modules(value, (*prefix, str(key))))
+    return found
+
+
+def get_module(params: Mapping[str, Any], path: ModulePath) -> Mapping[str, Any] | None:
+    """The dict at ``path`` in a nested dict, or None when the path does not exist."""
+    node: Any = params
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node if isinstance(node, Mapping) else None

@@ -1,0 +1,137 @@
+"""Which modules of a Flax params pytree receive LoRA, by PEFT's matching rules.
+
+In a params pytree every nested dict is a module, and its dotted name is its path joined by
+``"."`` (``transformer.h.0.attn.c_attn``), the same string as the PyTorch module name when the
+Flax model mirrors it. A module LoRA can adapt holds a 2-D ``kernel`` leaf of shape (in, out):
+a ``flax.linen.Dense``.
+
+Example:
+    >>> import numpy as np
+    >>> from lora_jax.config import LoraConfig
+    >>> params = {"encoder": {"layers": {"0": {"query": {"kernel": np.zeros((4, 6))},
+    ...                                        "norm": {"scale": np.ones(4)}}}}}
+    >>> resolve_targets(params, LoraConfig(rank=2, target_modules=["query"]))
+    (('encoder', 'layers', '0', 'query'),)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from lora_jax.config import LoraConfig
+
+ModulePath = tuple[str, ...]
+
+# Path components that introduce a layer index, after PEFT's common layer names.
+LAYER_CONTAINER_NAMES = ("h", "layers", "layer", "blocks", "block")
+SUPPORTED_MODULES = "modules holding a 2-D 'kernel' (in, out) leaf, i.e. flax.linen.Dense"
+
+
+def dotted_name(path: ModulePath) -> str:
+    """The module name PEFT and PyTorch use: the path joined by dots.
+
+    >>> dotted_name(("transformer", "h", "0", "attn", "c_attn"))
+    'transformer.h.0.attn.c_attn'
+    """
+    return ".".join(path)
+
+
+def iter_modules(params: Mapping[str, Any], prefix: ModulePath = ()) -> Iterator[tuple[ModulePath, Mapping]]:
+    """Yields ``(path, module_dict)`` for every nested dict below the root, depth first."""
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            path = (*prefix, str(key))
+            yield path, value
+            yield from iter_modules(value, path)
+
+
+def is_dense(module: Mapping[str, Any]) -> bool:
+    """True when a module dict holds a 2-D ``kernel`` leaf (arrays or ``ShapeDtypeStruct``)."""
+    kernel = module.get("kernel")
+    return kernel is not None and not isinstance(kernel, Mapping) and len(getattr(kernel, "shape", ())) == 2
+
+
+def name_matches(name: str, target_modules: tuple[str, ...] | str) -> bool:
+    """PEFT's rule: regex fullmatch for a string, exact or ``"." + entry`` suffix for a list.
+
+    >>> name_matches("h.0.mlp.c_proj", ("c_proj",)), name_matches("h.0.mlp.c_proj2", ("c_proj",))
+    (True, False)
+    >>> name_matches("h.0.attn.c_attn", r".*attn\\.c_attn")
+    True
+    """
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in target_modules)
+
+
+def layer_index(path: ModulePath) -> int | None:
+    """The first number that follows a layer-container component (``h``, ``layers``...), or None.
+
+    >>> layer_index(("transformer", "h", "11", "attn", "c_attn")), layer_index(("head",))
+    (11, None)
+    """
+    for previous, component in zip(path, path[1:]):
+        if previous in LAYER_CONTAINER_NAMES and component.isdigit():
+            return int(component)
+    return None
+
+
+def _check_params_root(params: Any) -> None:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a (nested) dict of arrays, got {type(params).__name__}.")
+    if set(params) == {"params"}:
+        raise ValueError(
+            "params looks like a Flax variables dict ({'params': ...}); pass variables['params'] "
+            "so that module names start at the model's first submodule, as PEFT's do."
+        )
+
+
+def _selected(path: ModulePath, config: LoraConfig) -> bool:
+    if not name_matches(dotted_name(path), config.target_modules):
+        return False
+    # PEFT drops a name-matched module whose layer index is missing or not listed.
+    return config.layers_to_transform is None or layer_index(path) in config.layers_to_transform
+
+
+def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[ModulePath, ...]:
+    """The paths of the modules ``config`` targets in ``params``, in tree order.
+
+    Args:
+        params: A Flax params pytree (the value under ``"params"``); leaves may be arrays or
+            ``jax.ShapeDtypeStruct``.
+        config: The LoRA config whose ``target_modules`` and ``layers_to_transform`` apply.
+
+    Returns:
+        One path tuple per matched module.
+
+    Raises:
+        ValueError: Nothing matches (the message lists the candidate names), a matched module
+            is not a dense layer, or ``config.rank`` exceeds ``min(in, out)`` of a matched module.
+    """
+    _check_params_root(params)
+    modules = list(iter_modules(params))
+    matched = [(p, m) for p, m in modules if _selected(p, config)]
+    unsupported = [dotted_name(p) for p, m in matched if not is_dense(m)]
+    if unsupported:
+        raise ValueError(
+            f"target_modules {config.target_modules!r} matched modules LoRA cannot adapt: {unsupported[:8]}. "
+            f"Supported: {SUPPORTED_MODULES}. Name the dense layers themselves."
+        )
+    if not matched:
+        candidates = [dotted_name(p) for p, m in modules if is_dense(m)]
+        raise ValueError(
+            f"target_modules {config.target_modules!r} (layers_to_transform={config.layers_to_transform}) "
+            f"matched no module. Dense modules in these params: {candidates[:40]}"
+            f"{' ...' if len(candidates) > 40 else ''}. A list entry must equal a name or its last "
+            "dot-separated parts; a single string must match a whole name as a regex."
+        )
+    for path, module in matched:
+        fan_in, fan_out = module["kernel"].shape
+        if config.rank > min(fan_in, fan_out):
+            raise ValueError(
+                f"rank {config.rank} exceeds min(in, out) = {min(fan_in, fan_out)} of module "
+                f"{dotted_name(path)!r} with kernel ({fan_in}, {fan_out}); lower the rank or drop that target."
+            )
+    return tuple(path for path, _ in matched)
