@@ -1,0 +1,148 @@
+"""Input validation: the checkpoint directory (or hub id) and the optional PEFT adapter.
+
+Everything here runs before any model is built, so a bad ``--model`` or ``--adapter``
+fails in a second with a message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_PEFT_PREFIX = "base_model.model."
+
+
+def read_gpt2_config(model_dir: str | os.PathLike) -> dict:
+    """Reads ``config.json`` of a checkpoint directory and checks it is a GPT-2.
+
+    Raises:
+        FileNotFoundError: the directory, its ``config.json`` or its weights are missing.
+        ValueError: the config is not a GPT-2 (``model_type`` other than ``"gpt2"``).
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Model directory {str(path)!r} does not exist. Pass --model with a "
+                                "directory holding config.json and model.safetensors, or a hub id.")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json; it is not a Hugging Face checkpoint "
+                                "directory (save one with model.save_pretrained(dir)).")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    if model_type != "gpt2":
+        raise ValueError(f"{str(path)!r} holds a {model_type!r} checkpoint; parity compares GPT-2 only "
+                         "(config.json model_type 'gpt2'). Pass a GPT-2 checkpoint directory.")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{str(path)!r} has config.json but no weights: expected one of "
+                                f"{', '.join(WEIGHT_FILES)}.")
+    return config
+
+
+def _looks_like_path(text: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a separator is meant as a path.
+    return (os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+            or os.sep in text.replace("/", "") or Path(text).exists())
+
+
+def resolve_checkpoint(model: str | os.PathLike | None) -> Path:
+    """Turns ``--model`` into a local GPT-2 checkpoint directory.
+
+    Args:
+        model: ``None`` for the project's embedded base, a directory, or a hub id such as ``"gpt2"``
+            (downloaded once with ``huggingface_hub``; needs network access).
+
+    Returns:
+        The directory both halves load.
+
+    >>> resolve_checkpoint("/no/such/dir")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: Model directory '/no/such/dir' does not exist. Pass --model with a directory holding config.json and model.safetensors, or a hub id.
+    """
+    if model is None:
+        from lora_jax.embedded import ensure_base
+
+        path = Path(ensure_base())
+    elif isinstance(model, os.PathLike) or _looks_like_path(str(model)):
+        path = Path(model).expanduser()
+    else:
+        path = _download(str(model))
+    read_gpt2_config(path)
+    return path
+
+
+def _download(hub_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, allow_patterns=["config.json", "*.safetensors", "*.json"]))
+    except Exception as error:  # any hub failure becomes one actionable message
+        raise FileNotFoundError(
+            f"{hub_id!r} is not a local directory and fetching it as a hub id failed "
+            f"({type(error).__name__}: {error}). Pass a local checkpoint directory, or run where the "
+            "Hugging Face hub is reachable.") from error
+
+
+def module_shapes(gpt2_config: dict) -> dict[str, tuple[int, int]]:
+    """``dotted name -> (in, out)`` of the four projections of every GPT-2 layer.
+
+    >>> module_shapes({"n_layer": 1, "n_embd": 8})["transformer.h.0.attn.c_attn"]
+    (8, 24)
+    """
+    d = gpt2_config["n_embd"]
+    inner = gpt2_config.get("n_inner") or 4 * d
+    per_layer = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, inner),
+                 "mlp.c_proj": (inner, d)}
+    return {f"transformer.h.{i}.{name}": shape for i in range(gpt2_config["n_layer"])
+            for name, shape in per_layer.items()}
+
+
+def validate_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict) -> dict:
+    """Checks a PEFT LoRA adapter directory fits the GPT-2 ``gpt2_config``, reading only headers.
+
+    Every tensor key must name a projection of this model and every shape must be
+    ``lora_A.weight`` (r, in) / ``lora_B.weight`` (out, r) for that projection.
+
+    Returns:
+        The adapter's ``adapter_config.json``.
+
+    Raises:
+        FileNotFoundError: the directory or one of its two files is missing.
+        ValueError: not a LoRA adapter, or an adapter for another model (unknown module, wrong shape).
+    """
+    from safetensors import safe_open
+
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Adapter directory {str(path)!r} does not exist. Pass --adapter with a "
+                                "PEFT directory (adapter_config.json + adapter_model.safetensors).")
+    for name in _ADAPTER_FILES:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"Adapter directory {str(path)!r} has no {name}; save adapters with "
+                                    "lora_jax.save_adapter, lora_torch.save_adapter or PeftModel.save_pretrained.")
+    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{str(path)!r} is a {config.get('peft_type')!r} adapter; parity needs peft_type 'LORA'.")
+    expected = module_shapes(gpt2_config)
+    with safe_open(str(path / "adapter_model.safetensors"), framework="numpy") as handle:
+        for key in handle.keys():
+            shape = tuple(handle.get_slice(key).get_shape())
+            _check_adapter_tensor(key, shape, expected, path)
+    return config
+
+
+def _check_adapter_tensor(key: str, shape: tuple, expected: dict, path: Path) -> None:
+    module, _, leaf = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+    if module not in expected or leaf not in ("A.weight", "B.weight"):
+        raise ValueError(f"Adapter {str(path)!r} has tensor {key!r}, which names no LoRA projection of this "
+                         f"GPT-2 (e.g. {_PEFT_PREFIX}{next(iter(expected))}.lora_A.weight). It was made for "
+                         "another model; pass the checkpoint it was trained on with --model.")
+    d_in, d_out = expected[module]
+    ok = len(shape) == 2 and (shape[1] == d_in if leaf == "A.weight" else shape[0] == d_out)
+    if not ok:
+        want = f"(r, {d_in})" if leaf == "A.weight" else f"({d_out}, r)"
+        raise ValueError(f"Adapter tensor {key!r} has shape {shape}, but this GPT-2's {module} needs {want}. "
+                         "The adapter was made for another model; pass its base checkpoint with --model.")

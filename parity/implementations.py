@@ -1,0 +1,103 @@
+"""The functions the checks call on each half, gathered in one replaceable record.
+
+The checks never import ``lora_torch`` or ``lora_jax`` functions directly; they call
+the fields of :class:`Implementations`. Swapping one field for a broken variant is how
+tests plant a bug and prove the matching check fails, e.g.::
+
+    pair = pair.with_impl(torch_merge=merge_without_linear_transpose)
+
+Defaults are the real packages, imported on first use so that ``import parity`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parity.optimizers import optax_adamw, torch_adamw
+
+
+def load_torch_gpt2(model_dir: Path):
+    """``GPT2LMHeadModel.from_pretrained`` in float32, eval mode (no dropout), tied head."""
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(model_dir, dtype="float32").eval()
+
+
+def load_jax_gpt2(model_dir: Path):
+    """``lora_jax.gpt2_loading.load_gpt2`` -> ``(GPT2Config, params)``."""
+    from lora_jax.gpt2_loading import load_gpt2
+
+    return load_gpt2(model_dir)
+
+
+def inject_torch(model, config):
+    """``lora_torch.inject_lora`` with a ``LoraConfig``'s settings, then ``freeze_base_model``."""
+    from lora_torch import freeze_base_model, inject_lora
+
+    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    layers = None if config.layers_to_transform is None else list(config.layers_to_transform)
+    inject_lora(model, targets, config.rank, config.alpha, dropout=config.dropout, use_rslora=config.use_rslora,
+                layers_to_transform=layers, verbose=False)
+    return freeze_base_model(model)
+
+
+def _lora_jax(name: str) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        import lora_jax
+
+        return getattr(lora_jax, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = f"lora_jax.{name}"
+    return call
+
+
+def _lora_torch(name: str) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        import lora_torch
+
+        return getattr(lora_torch, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = f"lora_torch.{name}"
+    return call
+
+
+@dataclass(frozen=True, kw_only=True)
+class Implementations:
+    """Every function of the two halves that the checks exercise.
+
+    Attributes:
+        load_torch: ``model_dir -> GPT2LMHeadModel`` (eval mode).
+        load_jax: ``model_dir -> (GPT2Config, params)``.
+        torch_inject: ``(model, LoraConfig) -> model`` with LoRA injected and the base frozen.
+        jax_init_lora: ``(params, LoraConfig, key) -> lora tree``.
+        jax_lora_apply: ``(apply_fn, LoraConfig) -> fn(params, lora, ids)``.
+        torch_merge: ``model -> model`` with wrappers merged (reversibly).
+        torch_unmerge: ``merged model -> model`` with the wrappers back.
+        jax_merge: ``(params, lora, LoraConfig) -> merged params``.
+        jax_unmerge: ``(merged params, lora, LoraConfig) -> params``.
+        torch_optimizer: ``(parameters, TrainSettings) -> torch.optim.Optimizer``.
+        jax_optimizer: ``TrainSettings -> optax.GradientTransformation``.
+        jax_save_adapter: ``(out_dir, lora, LoraConfig) -> None`` writing a PEFT directory.
+        jax_load_adapter: ``(adapter_dir, params) -> (lora, LoraConfig)``.
+        torch_save_adapter: ``(model, out_dir) -> None`` writing a PEFT directory.
+        torch_load_adapter: ``(base model, adapter_dir) -> model`` with the adapter injected.
+    """
+
+    load_torch: Callable = load_torch_gpt2
+    load_jax: Callable = load_jax_gpt2
+    torch_inject: Callable = inject_torch
+    jax_init_lora: Callable = field(default_factory=lambda: _lora_jax("init_lora"))
+    jax_lora_apply: Callable = field(default_factory=lambda: _lora_jax("lora_apply"))
+    torch_merge: Callable = field(default_factory=lambda: _lora_torch("merge_lora_weights"))
+    torch_unmerge: Callable = field(default_factory=lambda: _lora_torch("unmerge_lora_weights"))
+    jax_merge: Callable = field(default_factory=lambda: _lora_jax("merge"))
+    jax_unmerge: Callable = field(default_factory=lambda: _lora_jax("unmerge"))
+    torch_optimizer: Callable = torch_adamw
+    jax_optimizer: Callable = optax_adamw
+    jax_save_adapter: Callable = field(default_factory=lambda: _lora_jax("save_adapter"))
+    jax_load_adapter: Callable = field(default_factory=lambda: _lora_jax("load_adapter"))
+    torch_save_adapter: Callable = field(default_factory=lambda: _lora_torch("save_adapter"))
+    torch_load_adapter: Callable = field(default_factory=lambda: _lora_torch("load_adapter"))

@@ -1,0 +1,153 @@
+"""One GPT-2 checkpoint loaded into both halves, and how to run each half on a batch.
+
+``load_pair`` reads the same directory with transformers (torch) and with
+``lora_jax.gpt2_loading`` (JAX). The base models are never changed afterwards: every
+check works on copies (torch) or new trees (JAX), so checks are independent of each
+other's order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity.checkpoint import read_gpt2_config, resolve_checkpoint
+from parity.implementations import Implementations
+from parity.numerics import Placement, check_dtype, resolve_device
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """The torch and JAX halves of one checkpoint.
+
+    Attributes:
+        model_dir: The checkpoint directory both halves were loaded from.
+        hf_config: Its ``config.json``.
+        torch_model: ``GPT2LMHeadModel`` in eval mode, float32 weights; treat as read-only.
+        jax_config: ``lora_jax`` ``GPT2Config``.
+        jax_params: Float32 params tree on the JAX device; read-only.
+        placement: Device of both halves.
+        dtype: Compute dtype, ``"fp32"`` or ``"bf16"`` (weights stay float32 either way).
+        impl: The functions the checks call (replace one to plant a bug).
+    """
+
+    model_dir: Path
+    hf_config: dict
+    torch_model: Any
+    jax_config: Any
+    jax_params: Any
+    placement: Placement
+    dtype: str
+    impl: Implementations
+
+    def with_impl(self, **changes: Any) -> ModelPair:
+        """The same pair with some implementation functions replaced (for planted-bug tests)."""
+        return dataclasses.replace(self, impl=dataclasses.replace(self.impl, **changes))
+
+    def torch_copy(self):
+        """A deep copy of the torch base model, free to inject into or merge."""
+        return copy.deepcopy(self.torch_model)
+
+    def jax_module(self):
+        """The Flax ``GPT2`` module at this pair's compute dtype."""
+        import jax.numpy as jnp
+        from lora_jax.gpt2_model import GPT2
+
+        return GPT2(self.jax_config, dtype=jnp.bfloat16 if self.dtype == "bf16" else jnp.float32)
+
+    def torch_autocast(self):
+        """Autocast to bf16 in bf16 mode; a no-op context in fp32 mode."""
+        import torch
+
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.placement.torch_device, dtype=torch.bfloat16)
+
+    def torch_ids(self, input_ids: np.ndarray):
+        """``input_ids`` as a torch long tensor on this pair's device."""
+        import torch
+
+        return torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=self.placement.torch_device)
+
+    def torch_logits(self, model, input_ids: np.ndarray) -> np.ndarray:
+        """Float32 numpy logits (B, T, V) of a torch GPT-2 (base, LoRA or merged)."""
+        import torch
+
+        with torch.no_grad(), self.torch_autocast():
+            logits = model(self.torch_ids(input_ids)).logits
+        return logits.float().cpu().numpy()
+
+    def jax_logits(self, input_ids: np.ndarray, params: Any = None, lora: Any = None,
+                   config: Any = None) -> np.ndarray:
+        """Float32 numpy logits (B, T, V) of the Flax GPT-2; with ``lora`` through ``jax_lora_apply``.
+
+        Args:
+            input_ids: (B, T) token ids.
+            params: A params tree (default: the base ``jax_params``; pass merged params here).
+            lora: A LoRA tree, or None for no LoRA branch.
+            config: The ``LoraConfig`` of ``lora``.
+        """
+        import jax
+        import jax.numpy as jnp
+
+        params = self.jax_params if params is None else params
+        ids = jax.device_put(jnp.asarray(input_ids, dtype=jnp.int32), self.placement.jax_device)
+        module = self.jax_module()
+        if lora is None:
+            logits = module.apply({"params": params}, ids)
+        else:
+            logits = self.impl.jax_lora_apply(module.apply, config)(params, lora, ids)
+        return np.asarray(jax.device_get(logits), dtype=np.float32)
+
+
+def load_pair(model: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "fp32",
+              impl: Implementations | None = None) -> ModelPair:
+    """Loads one GPT-2 checkpoint into transformers (torch) and into ``lora_jax`` (JAX).
+
+    Args:
+        model: A checkpoint directory, a hub id (needs network), or None for the project's
+            embedded base (``lora_jax.embedded.ensure_base()``, built once and cached).
+        device: ``"cpu"`` or ``"gpu"``.
+        dtype: ``"fp32"`` or ``"bf16"`` compute.
+        impl: The functions to check; default the real ``lora_torch`` / ``lora_jax``.
+
+    Raises:
+        FileNotFoundError: The directory (or its config/weights) is missing.
+        ValueError: Not a GPT-2 checkpoint, or an unknown device/dtype.
+        RuntimeError: ``device="gpu"`` without a GPU visible to both frameworks.
+    """
+    check_dtype(dtype)
+    placement = resolve_device(device)
+    model_dir = resolve_checkpoint(model)
+    hf_config = read_gpt2_config(model_dir)
+    impl = impl or Implementations()
+    import jax
+
+    torch_model = impl.load_torch(model_dir).to(placement.torch_device)
+    jax_config, params = impl.load_jax(model_dir)
+    params = jax.device_put(params, placement.jax_device)
+    return ModelPair(model_dir=model_dir, hf_config=hf_config, torch_model=torch_model, jax_config=jax_config,
+                     jax_params=params, placement=placement, dtype=dtype, impl=impl)
+
+
+def make_batches(pair: ModelPair, *, count: int, batch_size: int, seq_len: int, seed: int) -> list[np.ndarray]:
+    """``count`` deterministic (batch_size, seq_len) int64 token batches within the vocabulary.
+
+    Raises:
+        ValueError: ``seq_len`` does not fit the model's positions, or a size is < 1 / < 2.
+    """
+    n_positions = pair.hf_config["n_positions"]
+    if not 2 <= seq_len <= n_positions:
+        raise ValueError(f"seq_len must be in [2, {n_positions}] (n_positions of {pair.model_dir}), got {seq_len}.")
+    if batch_size < 1 or count < 1:
+        raise ValueError(f"batch_size and count must be >= 1, got {batch_size} and {count}.")
+    rng = np.random.default_rng(seed)
+    vocab = pair.hf_config["vocab_size"]
+    return [rng.integers(0, vocab, size=(batch_size, seq_len), dtype=np.int64) for _ in range(count)]
