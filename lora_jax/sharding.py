@@ -26,8 +26,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -45,7 +45,10 @@ __all__ = [
     "like_lora_shardings",
     "batch_sharding",
     "shard_batch",
+    "TrainShardings",
+    "train_shardings",
     "place_train_state",
+    "shard_train_step",
 ]
 
 MESH_AXES = ("data", "fsdp")  # outermost first
@@ -249,11 +252,30 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+class TrainShardings(NamedTuple):
+    """Where each argument of ``step(lora, opt_state, frozen, batch, rng)`` lives on the mesh."""
+
+    lora: Any
+    opt_state: Any
+    frozen: Any
+    batch: NamedSharding
+    replicated: NamedSharding
+
+
+def train_shardings(frozen: Any, lora: Any, opt_state: Any, mesh: Mesh) -> TrainShardings:
+    """All shardings of a LoRA train state; ``opt_state`` may be arrays or shape structs."""
+    lora_sh = lora_shardings(lora, frozen, mesh)
+    return TrainShardings(
+        lora=lora_sh,
+        opt_state=like_lora_shardings(opt_state, lora, lora_sh, mesh),
+        frozen=param_shardings(frozen, mesh),
+        batch=batch_sharding(mesh),
+        replicated=NamedSharding(mesh, PartitionSpec()),
+    )
+
+
 def place_train_state(frozen: Any, lora: Any, opt_state: Any, mesh: Mesh) -> tuple[Any, Any, Any]:
     """Moves ``(frozen, lora, opt_state)`` onto the mesh with the shardings above.
-
-    A jitted step called on the placed state keeps these shardings: the compiler propagates
-    them, inserting the FSDP all-gathers and the data-parallel gradient all-reduce.
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -264,9 +286,32 @@ def place_train_state(frozen: Any, lora: Any, opt_state: Any, mesh: Mesh) -> tup
         >>> tuple(l["up"]["lora_B"].sharding.spec)
         (None, None)
     """
-    lora_sh = lora_shardings(lora, frozen, mesh)
-    return (
-        jax.device_put(frozen, param_shardings(frozen, mesh)),
-        jax.device_put(lora, lora_sh),
-        jax.device_put(opt_state, like_lora_shardings(opt_state, lora, lora_sh, mesh)),
+    sh = train_shardings(frozen, lora, opt_state, mesh)
+    return jax.device_put(frozen, sh.frozen), jax.device_put(lora, sh.lora), jax.device_put(opt_state, sh.opt_state)
+
+
+def shard_train_step(
+    step: Callable[..., Any], frozen: Any, lora: Any, opt_state: Any, mesh: Mesh, *, donate: bool = True
+) -> Callable[..., Any]:
+    """Jits ``step(lora, opt_state, frozen, batch, rng)`` with every sharding pinned.
+
+    Left to itself the compiler may hand back LoRA or Adam leaves split differently from how
+    they came in (it did for ``lora_A`` under FSDP), and the next call then compiles again.
+    Pinning inputs and outputs keeps one compiled step and the layout of ``train_shardings``;
+    the compiler inserts the FSDP all-gathers and the gradient all-reduce over the batch axes.
+    ``step`` may already be jitted (``lora_jax.make_train_step``); its jit is inlined.
+
+    Args:
+        step: Returns ``(lora, opt_state, metrics)``; metrics come back replicated.
+        frozen, lora, opt_state: The state (arrays or ``jax.ShapeDtypeStruct``) whose shapes
+            fix the shardings.
+        mesh: From ``make_mesh``.
+        donate: Donate ``lora`` and ``opt_state`` so they are updated in place.
+    """
+    sh = train_shardings(frozen, lora, opt_state, mesh)
+    return jax.jit(
+        step,
+        in_shardings=(sh.lora, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
+        out_shardings=(sh.lora, sh.opt_state, sh.replicated),
+        donate_argnums=(0, 1) if donate else (),
     )
