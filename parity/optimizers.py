@@ -21,7 +21,7 @@ class TrainSettings:
     Attributes:
         steps: Number of optimizer steps (>= 1).
         lr: Peak learning rate.
-        warmup_steps: Linear warmup from 0 to ``lr``, then cosine decay to 0 at ``steps``.
+        warmup_steps: Linear warmup from ``lr / 10`` to ``lr``, then cosine decay to 0 at ``steps``.
         b1: Adam beta1.
         b2: Adam beta2.
         eps: Adam epsilon, added to ``sqrt(v_hat)``.
@@ -61,13 +61,15 @@ class TrainSettings:
 def lr_schedule(settings: TrainSettings) -> Callable:
     """Warmup then cosine decay, as an optax schedule ``step -> lr``.
 
+    Warmup starts at ``lr / 10``, not 0, so that the first step already moves A and B.
+
     >>> s = lr_schedule(TrainSettings(steps=10, lr=1.0, warmup_steps=2))
     >>> [round(float(s(i)), 3) for i in (0, 1, 2, 10)]
-    [0.0, 0.5, 1.0, 0.0]
+    [0.1, 0.55, 1.0, 0.0]
     """
     import optax
 
-    return optax.warmup_cosine_decay_schedule(0.0, settings.lr, settings.warmup_steps, settings.steps)
+    return optax.warmup_cosine_decay_schedule(settings.lr / 10, settings.lr, settings.warmup_steps, settings.steps)
 
 
 def optax_adamw(settings: TrainSettings):

@@ -46,6 +46,16 @@ class ModelPair:
     placement: Placement
     dtype: str
     impl: Implementations
+    # Compiled JAX functions by a key naming everything they close over (see ``compiled``).
+    compile_cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def compiled(self, key: tuple, build: Any) -> Any:
+        """``build()`` once per ``key`` on this pair; ``key`` must include every function and setting
+        the built object closes over (``with_impl`` pairs share the cache, so the impl functions
+        belong in the key)."""
+        if key not in self.compile_cache:
+            self.compile_cache[key] = build()
+        return self.compile_cache[key]
 
     def with_impl(self, **changes: Any) -> ModelPair:
         """The same pair with some implementation functions replaced (for planted-bug tests)."""

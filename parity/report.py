@@ -21,12 +21,14 @@ class ParityReport:
         environment: Device, dtype, package versions (:func:`parity.environment.describe_environment`).
         settings: Model, targets, rank, alpha and the other run settings.
         command: The command line that produced the report, when run from the CLI.
+        arrays: Arrays the checks computed (logits, losses), for ``--dump``; not in the JSON.
     """
 
     rows: tuple[CheckResult, ...]
     environment: dict
     settings: dict = field(default_factory=dict)
     command: str | None = None
+    arrays: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:

@@ -96,5 +96,5 @@ def copy_into_torch(model: Any, named: Mapping[str, tuple[Any, Any]]) -> None:
     with torch.no_grad():
         for name, (a, b) in named.items():
             lora = wrappers[name].lora
-            lora.lora_A.copy_(torch.as_tensor(np.asarray(a)))
-            lora.lora_B.copy_(torch.as_tensor(np.asarray(b)))
+            lora.lora_A.copy_(torch.from_numpy(np.array(a, dtype=np.float32)))  # a writable copy
+            lora.lora_B.copy_(torch.from_numpy(np.array(b, dtype=np.float32)))

@@ -1,0 +1,87 @@
+"""Stage 6: merging folds the same update into the same weights, changes no logits, and unmerges."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+
+from parity.adapted import AdaptedPair, nonzero_b_row
+from parity.linear_layout import conv1d_to_linear
+from parity.results import StageResult, compare_arrays, compare_named_arrays
+from parity.tolerances import tolerance_for
+from parity.transfer import copy_into_torch, jax_lora_to_named
+
+
+def _kernel(params: Any, name: str) -> np.ndarray:
+    node = params
+    for key in name.split("."):
+        node = node[key]
+    return np.asarray(node["kernel"], dtype=np.float32)
+
+
+def _torch_kernels(model: Any, names: list[str]) -> dict[str, np.ndarray]:
+    """Each module's weight in kernel orientation (in, out): Conv1D as stored, nn.Linear transposed."""
+    from torch import nn
+
+    kernels = {}
+    for name in names:
+        module = model.get_submodule(name)
+        weight = module.weight.detach().float().cpu().numpy()
+        kernels[name] = weight.T if isinstance(module, nn.Linear) else weight
+    return kernels
+
+
+def _merged_pair_rows(adapted: AdaptedPair, torch_model: Any, layout: str, input_ids: np.ndarray,
+                      merged_params: Any, jax_merged_logits: np.ndarray) -> tuple[list, Any, np.ndarray]:
+    """Merges a torch model of one layout; compares weights and logits with the JAX merge."""
+    pair, dtype = adapted.pair, adapted.pair.dtype
+    names = sorted(jax_lora_to_named(adapted.lora))
+    lora_logits = pair.torch_logits(torch_model, input_ids)
+    merged_model = pair.impl.torch_merge(copy.deepcopy(torch_model))
+    merged_logits = pair.torch_logits(merged_model, input_ids)
+    rows = [
+        compare_named_arrays("merge", f"merged weights torch ({layout}) vs JAX (worst module)",
+                             _torch_kernels(merged_model, names), {n: _kernel(merged_params, n) for n in names},
+                             tolerance_for("merged_weights", dtype)),
+        compare_arrays("merge", f"torch ({layout}) merged vs unmerged logits", merged_logits, lora_logits,
+                       tolerance_for("merge_logits", dtype)),
+        compare_arrays("merge", f"merged logits torch ({layout}) vs JAX", merged_logits, jax_merged_logits,
+                       tolerance_for("logits", dtype)),
+    ]
+    return rows, merged_model, merged_logits
+
+
+def check_merge(adapted: AdaptedPair, input_ids: np.ndarray) -> StageResult:
+    """Merge in both halves (and in torch's nn.Linear layout), then unmerge.
+
+    Rows: B non-zero; merged weights torch vs JAX; each side's merged logits vs its
+    unmerged LoRA logits; merged torch vs merged JAX logits; the same three for the
+    Linear layout; unmerge restoring the base weights in each half.
+    """
+    pair, config, lora, dtype = adapted.pair, adapted.config, adapted.lora, adapted.pair.dtype
+    names = sorted(jax_lora_to_named(lora))
+    merged_params = pair.impl.jax_merge(pair.jax_params, lora, config)
+    jax_merged = pair.jax_logits(input_ids, params=merged_params)
+    jax_lora = pair.jax_logits(input_ids, lora=lora, config=config)
+    rows = [nonzero_b_row("merge", lora),
+            compare_arrays("merge", "JAX merged vs unmerged logits", jax_merged, jax_lora,
+                           tolerance_for("merge_logits", dtype))]
+    conv_rows, merged_model, torch_merged = _merged_pair_rows(adapted, adapted.torch_model, "Conv1D", input_ids, merged_params,
+                                                jax_merged)
+    rows += conv_rows
+    linear_model = pair.impl.torch_inject(conv1d_to_linear(pair.torch_copy()), config)
+    copy_into_torch(linear_model, jax_lora_to_named(lora))
+    rows += _merged_pair_rows(adapted, linear_model, "Linear", input_ids, merged_params, jax_merged)[0]
+    restored = pair.impl.torch_unmerge(merged_model)  # in place: merged_model is unmerged too
+    base_kernels = _torch_kernels(pair.torch_model, names)
+    restored_kernels = {n: restored.get_submodule(n).base_layer.weight.detach().float().cpu().numpy() for n in names}
+    unmerged_params = pair.impl.jax_unmerge(merged_params, lora, config)
+    rows += [
+        compare_named_arrays("merge", "torch unmerge restores base weights", restored_kernels, base_kernels,
+                             tolerance_for("unmerge", dtype)),
+        compare_named_arrays("merge", "JAX unmerge restores base kernels", {n: _kernel(unmerged_params, n) for n in names},
+                             {n: _kernel(pair.jax_params, n) for n in names}, tolerance_for("unmerge", dtype)),
+    ]
+    return StageResult(rows, {"torch_merged_logits": torch_merged, "jax_merged_logits": jax_merged})

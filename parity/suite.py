@@ -1,0 +1,194 @@
+"""Runs the checks in order on one pair and gathers a :class:`parity.report.ParityReport`.
+
+Each stage is guarded: an exception inside a check (a shape error from a broken merge,
+modules that differ so values cannot be copied) becomes a failed row naming the error,
+and the next stage still runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from parity.adapted import AdaptedPair, adapt
+from parity.checks.base_forward import check_base_forward
+from parity.checks.deltas import check_forward_delta
+from parity.checks.gradients import check_gradients
+from parity.checks.injection import check_injection, injection_specs, spec_label
+from parity.checks.interchange import check_interchange
+from parity.checks.merge import check_merge
+from parity.checks.training import check_training, default_settings
+from parity.environment import describe_environment
+from parity.numerics import parity_numerics
+from parity.pair import ModelPair, make_batches
+from parity.report import ParityReport
+from parity.results import EXACT, StageResult, failed
+
+CHECKS = ("base_forward", "injection", "forward_delta", "gradients", "training", "merge", "interchange")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuiteSettings:
+    """What the suite runs.
+
+    Attributes:
+        targets: LoRA target modules (list -> names, str -> regex) for stages 3-7.
+        rank: LoRA rank (> 1 by default: at r = 1, alpha and alpha/r coincide and a scaling bug hides).
+        alpha: LoRA alpha.
+        use_rslora: rsLoRA scaling; the delta stage runs with both settings anyway.
+        layers_to_transform: Optional layer indices.
+        adapter: A PEFT adapter directory to use instead of random A and B (its config wins).
+        steps: AdamW steps of the training stage.
+        batch_size: Sequences per batch.
+        seq_len: Tokens per sequence.
+        seed: Seeds the batches, A and B.
+        checks: Which stages to run, in :data:`CHECKS` order.
+        workdir: Where the interchange stage writes its temporary adapters (default: system temp).
+    """
+
+    targets: tuple[str, ...] | str = ("c_attn", "c_proj")
+    rank: int = 4
+    alpha: float = 8.0
+    use_rslora: bool = False
+    layers_to_transform: tuple[int, ...] | None = None
+    adapter: str | os.PathLike | None = None
+    steps: int = 10
+    batch_size: int = 2
+    seq_len: int = 16
+    seed: int = 0
+    checks: tuple[str, ...] = CHECKS
+    workdir: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.checks if c not in CHECKS]
+        if unknown or not self.checks:
+            raise ValueError(f"Unknown or no checks {unknown or list(self.checks)}; choose from {', '.join(CHECKS)}.")
+        default_settings(self.steps)  # validates steps early, before any model work
+
+    def lora_config(self) -> Any:
+        """The ``lora_jax.LoraConfig`` of stages 3-7 (validated by ``LoraConfig`` itself)."""
+        from lora_jax import LoraConfig
+
+        return LoraConfig(rank=self.rank, alpha=self.alpha, target_modules=self.targets,
+                          use_rslora=self.use_rslora, layers_to_transform=self.layers_to_transform)
+
+    def describe(self) -> dict:
+        """The settings as a flat dict for reports."""
+        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "workdir"}
+        out["targets"] = self.targets if isinstance(self.targets, str) else ",".join(self.targets)
+        out["checks"] = ",".join(self.checks)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items() if v is not None}
+
+
+def _guarded(stage: str, run: Callable[[], StageResult]) -> StageResult:
+    try:
+        return run()
+    except Exception as error:  # a crash in a check is a failed check, reported, not a traceback
+        return StageResult([failed(stage, "stage raised", EXACT, f"{type(error).__name__}: {error}")])
+
+
+class _Stages:
+    """The shared inputs of one suite run, built lazily (the adapted pair only when a stage needs it)."""
+
+    def __init__(self, pair: ModelPair, settings: SuiteSettings) -> None:
+        self.pair, self.settings = pair, settings
+        self.input_ids = make_batches(pair, count=1, batch_size=settings.batch_size, seq_len=settings.seq_len,
+                                      seed=settings.seed)[0]
+        self._adapted: dict[bool | None, AdaptedPair] = {}
+
+    def adapted(self, use_rslora: bool | None = None) -> AdaptedPair:
+        """The pair adapted with the suite's config; ``use_rslora`` flips only the scaling, same A and B."""
+        if None not in self._adapted:
+            config, lora = self._config_and_lora()
+            self._adapted[None] = adapt(self.pair, config, seed=self.settings.seed, lora=lora)
+        main = self._adapted[None]
+        if use_rslora is None or use_rslora == main.config.use_rslora:
+            return main
+        if use_rslora not in self._adapted:
+            config = dataclasses.replace(main.config, use_rslora=use_rslora)
+            self._adapted[use_rslora] = adapt(self.pair, config, lora=main.lora)
+        return self._adapted[use_rslora]
+
+    def _config_and_lora(self) -> tuple[Any, Any]:
+        if self.settings.adapter is None:
+            return self.settings.lora_config(), None
+        lora, config = self.pair.impl.jax_load_adapter(Path(self.settings.adapter), self.pair.jax_params)
+        return config, lora
+
+    def run(self, name: str) -> StageResult:
+        return getattr(self, f"_{name}")()
+
+    def _base_forward(self) -> StageResult:
+        return check_base_forward(self.pair, self.input_ids)
+
+    def _injection(self) -> StageResult:
+        s = self.settings
+        specs = injection_specs(self.pair.hf_config["n_layer"], rank=s.rank, alpha=s.alpha, use_rslora=s.use_rslora)
+        main = self._config_and_lora()[0]
+        if spec_label(main) not in {spec_label(c) for c in specs}:
+            specs.append(main)
+        rows = []
+        for config in specs:
+            rows += _guarded("injection", lambda c=config: check_injection(self.pair, c, seed=s.seed)).rows
+        return StageResult(rows)
+
+    def _forward_delta(self) -> StageResult:
+        results = {}
+        for flag in (False, True):
+            adapted = self.adapted(flag)
+            label = f"rsLoRA {'on' if flag else 'off'}, s={adapted.config.scaling:g}"
+            results[flag] = check_forward_delta(adapted, self.input_ids, label)
+        main = results[self.adapted().config.use_rslora]
+        # Both runs share A and B (only the scaling differs), so the B row is kept once.
+        return StageResult(results[False].rows + results[True].rows[1:], main.arrays)
+
+    def _gradients(self) -> StageResult:
+        return check_gradients(self.adapted(), self.input_ids)
+
+    def _training(self) -> StageResult:
+        s = self.settings
+        # Two batches, cycled: the loss then visibly falls (memorisation), which random tokens alone do not show.
+        distinct = make_batches(self.pair, count=2, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed + 1)
+        batches = [distinct[i % 2] for i in range(s.steps)]
+        return check_training(self.adapted(), batches, default_settings(s.steps))
+
+    def _merge(self) -> StageResult:
+        return check_merge(self.adapted(), self.input_ids)
+
+    def _interchange(self) -> StageResult:
+        return check_interchange(self.adapted(), self.input_ids, self.settings.workdir)
+
+
+def run_check(pair: ModelPair, name: str, settings: SuiteSettings | None = None) -> StageResult:
+    """Runs one stage (see :data:`CHECKS`) with parity numerics on; exceptions propagate.
+
+    Raises:
+        ValueError: ``name`` is not a known check.
+    """
+    if name not in CHECKS:
+        raise ValueError(f"Unknown check {name!r}; choose from {', '.join(CHECKS)}.")
+    settings = settings or SuiteSettings()
+    with parity_numerics():
+        return _Stages(pair, settings).run(name)
+
+
+def run_suite(pair: ModelPair, settings: SuiteSettings | None = None, *, command: str | None = None) -> ParityReport:
+    """Runs every stage in ``settings.checks`` and returns the report (arrays attached for ``--dump``)."""
+    settings = settings or SuiteSettings()
+    rows, arrays = [], {}
+    with parity_numerics():
+        stages = _Stages(pair, settings)
+        arrays["input_ids"] = stages.input_ids
+        for name in CHECKS:
+            if name in settings.checks:
+                result = _guarded(name, lambda n=name: stages.run(n))
+                rows += result.rows
+                arrays.update(result.arrays)
+    environment = describe_environment(pair.placement.name, pair.placement.description, pair.dtype)
+    described = {"model": str(pair.model_dir), **settings.describe()}
+    return ParityReport(rows=tuple(rows), environment=environment, settings=described, command=command,
+                        arrays=arrays)
