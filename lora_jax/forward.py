@@ -82,7 +82,8 @@ def lora_interception(
     """Within the block, adapted ``nn.Dense`` layers add their LoRA branch to their output.
 
     Use it around any ``model.apply`` (or bound-module call) whose params the LoRA tree was
-    built from.
+    built from. Enter it *inside* the function you jit: interception happens while tracing,
+    and a function jitted and traced outside the context keeps its cached, LoRA-free trace.
 
     Args:
         lora: The LoRA tree (from ``init_lora``, ``split`` or ``load_adapter``).

@@ -106,7 +106,8 @@ def make_combined_train_step(
         loss_fn: ``loss_fn(full, batch, rng) -> scalar``.
         tx: The optimizer for the LoRA leaves; wrap nothing yourself, this calls ``lora_optimizer``.
             Initialise the state with ``lora_optimizer(tx).init(full)``.
-        donate: Donate ``full`` and ``opt_state``.
+        donate: Donate ``full`` and ``opt_state``. ``combine`` shares the frozen arrays with the
+            params it was given, so donating a combined tree invalidates those params too.
     """
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(f"tx must be an optax.GradientTransformation, got {tx!r}.")

@@ -1,0 +1,163 @@
+"""The interception forward on a non-GPT-2 model: values, factorisation, remat, bf16, dropout."""
+
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from encoder_model import Encoder, init_encoder, random_ids, with_random_b  # noqa: E402
+
+from lora_jax.config import LoraConfig
+from lora_jax.forward import lora_apply, lora_branch, lora_interception
+from lora_jax.initialize import init_lora
+from lora_jax.merge import merge
+
+CONFIG = LoraConfig(rank=4, alpha=8.0, target_modules=["query", "value", "ffn_out", "head"])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = Encoder()
+    params = init_encoder(model)
+    lora = with_random_b(init_lora(params, CONFIG, jax.random.key(1)))
+    return model, params, lora, random_ids(0)
+
+
+def test_zero_b_is_the_base_model_exactly(setup):
+    model, params, _, ids = setup
+    fresh = init_lora(params, CONFIG, jax.random.key(1))
+    adapted = jax.jit(lora_apply(model.apply, CONFIG))(params, fresh, ids)
+    assert bool(jnp.array_equal(adapted, jax.jit(model.apply)({"params": params}, ids)))
+
+
+def test_equals_the_merged_model(setup):
+    model, params, lora, ids = setup
+    with jax.default_matmul_precision("highest"):
+        adapted = jax.jit(lora_apply(model.apply, CONFIG))(params, lora, ids)
+        merged = jax.jit(model.apply)({"params": merge(params, lora, CONFIG)}, ids)
+        base = jax.jit(model.apply)({"params": params}, ids)
+    # fp32 through 2 layers with outputs of order 1: reassociating x(W0+sAB) vs xW0 + s(xA)B
+    # differs by a few ulps per op, so 1e-5 absolute is ample while the LoRA effect is ~1e-1.
+    assert float(jnp.abs(adapted - merged).max()) < 1e-5
+    assert float(jnp.abs(adapted - base).max()) > 1e-2
+
+
+def test_branch_added_only_to_targeted_dense_layers(setup):
+    model, params, lora, ids = setup
+    only_head = {"head": lora["head"]}
+
+    @jax.jit
+    def adapted(p, lo, i):
+        # The context is entered inside the jitted function, so it is part of the trace.
+        with lora_interception(lo, CONFIG):
+            return model.apply({"params": p}, i)
+
+    out = adapted(params, only_head, ids)
+    # Expected: the base output plus s (h A) B on the head, with h the encoder's output.
+    capture = jax.jit(lambda p, i: model.apply({"params": p}, i, capture_intermediates=True, mutable=["intermediates"]))
+    base, state = capture(params, ids)
+    h = state["intermediates"]["encoder"]["__call__"][0]
+    a, b = only_head["head"]["lora_A"], only_head["head"]["lora_B"]
+    expected = base + lora_branch(h, a, b, CONFIG.scaling, dtype=jnp.float32)
+    np.testing.assert_allclose(out, expected, atol=1e-6, rtol=0)  # fp32, one addition reordered
+
+
+def dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every dot_general in a jaxpr, sub-jaxprs (jit, remat, scan) included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes.extend(dot_output_shapes(inner))
+    return shapes
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_training_graph_never_builds_a_kernel_sized_product(setup, remat):
+    _, params, lora, ids = setup
+    forward = lora_apply(Encoder(remat=remat).apply, CONFIG)
+    loss = lambda lo: jnp.mean(forward(params, lo, ids) ** 2)
+    shapes = dot_output_shapes(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr)
+    # Kernels are (16,16), (16,32), (32,16), (16,5): no 2-D product of those shapes (W0 + sAB or dW0) exists.
+    kernel_shapes = {(16, 16), (16, 32), (32, 16), (16, 5)}
+    assert not kernel_shapes & set(shapes)
+    assert (16, 4) in shapes and (4, 16) in shapes  # the dA and dB products do exist
+
+
+def test_remat_gives_the_same_values_and_gradients(setup):
+    _, params, lora, ids = setup
+
+    def loss(model, lo):
+        return jnp.mean(lora_apply(model.apply, CONFIG)(params, lo, ids) ** 2)
+
+    with jax.default_matmul_precision("highest"):
+        value, grads = jax.jit(jax.value_and_grad(lambda lo: loss(Encoder(), lo)))(lora)
+        value_r, grads_r = jax.jit(jax.value_and_grad(lambda lo: loss(Encoder(remat=True), lo)))(lora)
+    # Recomputation replays the same ops; only XLA fusion differences remain (fp32 ulps).
+    assert abs(float(value - value_r)) < 1e-6
+    jax.tree_util.tree_map(lambda g, gr: np.testing.assert_allclose(g, gr, atol=1e-6, rtol=0), grads, grads_r)
+
+
+def test_bf16_compute_keeps_fp32_lora_and_bf16_branch(setup):
+    _, params, lora, ids = setup
+    bf16_model = Encoder(dtype=jnp.bfloat16)
+    dtypes = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name == "query":
+            dtypes.append(out.dtype)
+        return out
+
+
+    def loss(lo):
+        out = lora_apply(bf16_model.apply, CONFIG)(params, lo, ids)
+        return jnp.mean(out**2), out
+
+    with nn.intercept_methods(record):  # outermost: sees the output after LoRA adds its branch
+        grads, out = jax.jit(jax.grad(loss, has_aux=True))(lora)
+    assert set(dtypes) == {jnp.dtype(jnp.bfloat16)}
+    assert {g.dtype for g in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.float32)}
+    with jax.default_matmul_precision("highest"):
+        full = jax.jit(lora_apply(Encoder().apply, CONFIG))(params, lora, ids)
+    # bf16 has 8 mantissa bits (rel. 4e-3 per rounding); outputs of order 1 after ~10 ops: 0.1 bounds it.
+    assert float(jnp.abs(out - full).max()) < 0.1
+
+
+def test_dropout_is_keyed_per_call_and_per_module(setup):
+    model, params, lora, ids = setup
+    config = LoraConfig(rank=4, alpha=8.0, target_modules=CONFIG.target_modules, dropout=0.5)
+    forward = jax.jit(lora_apply(model.apply, config))
+    plain = forward(params, lora, ids)
+    first = forward(params, lora, ids, dropout_rng=jax.random.key(3))
+    assert bool(jnp.array_equal(first, forward(params, lora, ids, dropout_rng=jax.random.key(3))))
+    assert not bool(jnp.array_equal(first, forward(params, lora, ids, dropout_rng=jax.random.key(4))))
+    assert not bool(jnp.array_equal(first, plain))
+
+
+def test_dropout_scales_kept_inputs():
+    x = jnp.ones((1000, 2))
+    out = lora_branch(x, jnp.eye(2), jnp.eye(2), 1.0, dtype=jnp.float32, dropout=0.25, rng=jax.random.key(0))
+    values = set(np.unique(np.asarray(out)).tolist())
+    assert len(values) == 2 and min(values) == 0.0
+    assert max(values) == pytest.approx(1 / 0.75, rel=1e-6)  # inverted dropout: kept inputs scaled by 1/(1-p)
+    assert abs(float((out == 0).mean()) - 0.25) < 0.05  # 2000 Bernoulli draws: 5 sigma is about 0.05
+
+
+def test_strict_mode_reports_lora_modules_the_model_never_called(setup):
+    model, params, lora, ids = setup
+    stray = {"decoder": lora["head"], **lora}
+    # The check runs while tracing, so eval_shape (trace only, no compile) exercises it.
+    with pytest.raises(ValueError, match=r"\['decoder'\] were never called"):
+        jax.eval_shape(lora_apply(model.apply, CONFIG), params, stray, ids)
+    out = jax.eval_shape(lora_apply(model.apply, CONFIG, strict=False), params, stray, ids)
+    assert out.shape == (2, 6, 5)
