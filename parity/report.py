@@ -76,8 +76,8 @@ def render_table(report: ParityReport) -> str:
     widths = [max(len(line[i]) for line in body) for i in range(len(_HEADER) - 1)]
     text = [" | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " | " + line[-1] for line in body]
     text.insert(1, "-+-".join("-" * w for w in widths) + "-+-" + "-" * 6)
-    verdict = (f"ALL {len(report.rows)} CHECKS PASSED" if report.passed
-               else f"{len(report.failures)} OF {len(report.rows)} CHECKS FAILED")
+    verdict = (f"PASS: all {len(report.rows)} rows within tolerance" if report.passed
+               else f"FAIL: {len(report.failures)} of {len(report.rows)} rows out of tolerance")
     return "\n".join(_context_lines(report) + [""] + text + ["", verdict]) + "\n"
 
 

@@ -1,0 +1,150 @@
+"""``python -m parity``: load one GPT-2 checkpoint into both halves, run every check, report.
+
+Exit status: 0 when every check passes, 1 when any check fails, 2 on bad input (the
+message names the problem and the fix; no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from parity.numerics import DEVICES, DTYPES
+from parity.suite import CHECKS, SuiteSettings
+
+_LORA_FLAGS = ("targets", "rank", "alpha", "rslora", "layers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by the docs to list the flags)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m parity",
+        description="Check that lora_torch (on transformers' GPT-2) and lora_jax (on the Flax GPT-2) agree, "
+                    "stage by stage, on one checkpoint.")
+    parser.add_argument("--model", default=None,
+                        help="GPT-2 checkpoint directory or hub id (default: the project's embedded base)")
+    parser.add_argument("--adapter", default=None,
+                        help="PEFT LoRA adapter directory to check instead of random A/B (its config sets targets, "
+                             "rank, alpha, rsLoRA)")
+    parser.add_argument("--targets", default=None,
+                        help="comma-separated module names (default c_attn,c_proj), or re:REGEX for a regex")
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default 4)")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 8)")
+    parser.add_argument("--rslora", action="store_true", default=None, help="rsLoRA scaling alpha/sqrt(r)")
+    parser.add_argument("--layers", default=None, help="layers_to_transform, comma-separated indices")
+    parser.add_argument("--steps", type=int, default=10, help="AdamW steps of the training check (default 10)")
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences per batch (default 2)")
+    parser.add_argument("--seq-len", type=int, default=16, help="tokens per sequence (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batches, A and B (default 0)")
+    parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="cpu (default) or gpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32",
+                        help="fp32 (TF32 off, highest matmul precision) or bf16 compute (looser tolerances)")
+    parser.add_argument("--json", default=None, help="write the report as JSON to this file")
+    parser.add_argument("--markdown", default=None, help="write the report as Markdown to this file")
+    parser.add_argument("--section", default=None,
+                        help="with --markdown: replace only this named section of an existing page")
+    parser.add_argument("--title", default=None, help="heading of the Markdown section")
+    parser.add_argument("--dump", default=None, help="write input_ids.npy and every *_logits.npy to this directory")
+    return parser
+
+
+def _targets(text: str) -> tuple[str, ...] | str:
+    if text.startswith("re:"):
+        return text[3:]
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise ValueError(f"--targets {text!r} names no module; give e.g. c_attn,c_proj or re:.*c_attn")
+    return names
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--layers {text!r} must be comma-separated layer indices, e.g. 0,2") from None
+
+
+def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
+    """The :class:`SuiteSettings` an argument namespace asks for.
+
+    Raises:
+        ValueError: Conflicting or malformed flags (e.g. ``--adapter`` with ``--rank``).
+    """
+    if args.adapter is not None:
+        given = [f"--{flag}" for flag in _LORA_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise ValueError(f"--adapter takes targets, rank, alpha and rsLoRA from its adapter_config.json; "
+                             f"drop {', '.join(given)}.")
+    lora = {}
+    if args.targets is not None:
+        lora["targets"] = _targets(args.targets)
+    if args.rank is not None:
+        lora["rank"] = args.rank
+    if args.alpha is not None:
+        lora["alpha"] = args.alpha
+    if args.rslora:
+        lora["use_rslora"] = True
+    if args.layers is not None:
+        lora["layers_to_transform"] = _layers(args.layers)
+    checks = tuple(part.strip() for part in args.checks.split(",") if part.strip())
+    settings = SuiteSettings(adapter=args.adapter, steps=args.steps, batch_size=args.batch_size,
+                             seq_len=args.seq_len, seed=args.seed, checks=checks, **lora)
+    if args.adapter is None:
+        settings.lora_config()  # LoraConfig validates rank, alpha, targets, layers now, before any loading
+    return settings
+
+
+def _write_outputs(args: argparse.Namespace, report) -> None:
+    from parity.dump import dump_arrays
+    from parity.markdown_sections import upsert_section
+    from parity.report import render_json, render_markdown, write_text_atomic
+
+    if args.json:
+        write_text_atomic(args.json, render_json(report))
+    if args.markdown:
+        section = render_markdown(report, title=args.title or f"Parity on {report.settings.get('model')}")
+        if args.section:
+            path = Path(args.markdown)
+            page = path.read_text(encoding="utf-8") if path.is_file() else ""
+            section = upsert_section(page, args.section, section)
+        write_text_atomic(args.markdown, section)
+    if args.dump:
+        missing = dump_arrays(args.dump, report.arrays)
+        if missing:
+            print(f"--dump: not written (their stage failed or did not run): {', '.join(missing)}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (0 pass, 1 a check failed, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = "python -m parity " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    try:
+        settings = settings_from_args(args)
+        pair = _load(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as error:
+        print(f"python -m parity: error: {error}", file=sys.stderr)
+        return 2
+    from parity.report import render_table
+    from parity.suite import run_suite
+
+    report = run_suite(pair, settings, command=command)
+    print(render_table(report), end="")
+    _write_outputs(args, report)
+    return 0 if report.passed else 1
+
+
+def _load(args: argparse.Namespace):
+    from parity.checkpoint import read_gpt2_config, resolve_checkpoint, validate_adapter
+    from parity.numerics import resolve_device
+    from parity.pair import load_pair
+
+    resolve_device(args.device)  # a missing GPU is reported before the (slow) model loading
+    model_dir = resolve_checkpoint(args.model)
+    if args.adapter is not None:
+        validate_adapter(args.adapter, read_gpt2_config(model_dir))
+    return load_pair(model_dir, device=args.device, dtype=args.dtype)

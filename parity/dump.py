@@ -1,0 +1,49 @@
+"""``--dump DIR``: the batch and every half's logits as ``.npy`` files, for inspection outside parity."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+# The files --dump promises: the int (batch, seq) batch and float32 (batch, seq, vocab) logits.
+DUMP_NAMES = ("input_ids", "torch_base_logits", "jax_base_logits", "torch_lora_logits", "jax_lora_logits",
+              "torch_merged_logits", "jax_merged_logits")
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temp file beside ``path``, then rename: never a truncated ``.npy``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_arrays(out_dir: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """Writes the :data:`DUMP_NAMES` arrays present in ``arrays``; returns the names that were missing.
+
+    A name is missing when its stage did not run or failed before computing it.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     missing = dump_arrays(d, {"input_ids": np.zeros((1, 2), np.int64)})
+    ...     sorted(os.listdir(d)), len(missing)
+    (['input_ids.npy'], 6)
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    missing = []
+    for name in DUMP_NAMES:
+        if name not in arrays:
+            missing.append(name)
+            continue
+        dtype = np.int64 if name == "input_ids" else np.float32
+        save_npy_atomic(out / f"{name}.npy", np.asarray(arrays[name], dtype=dtype))
+    return missing
