@@ -1,0 +1,158 @@
+"""PEFT adapter directories, checked against the real peft + transformers on a saved tiny GPT-2."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import safetensors.numpy
+import torch
+from transformers import GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from encoder_model import with_random_b  # noqa: E402
+
+from lora_jax.config import LoraConfig
+from lora_jax.forward import lora_apply
+from lora_jax.gpt2_loading import load_gpt2
+from lora_jax.gpt2_model import GPT2
+from lora_jax.initialize import init_lora
+from lora_jax.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
+
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+IDS = np.array([[5, 17, 99, 3, 42, 0, 7, 64], [1, 2, 3, 4, 5, 6, 7, 8]])
+# fp32 on both sides, highest matmul precision, logits of order 1 after 2 layers: observed max
+# differences are ~1e-6; 1e-5 leaves room for different summation orders, while a wrong
+# scaling, a missing transpose or a dropped module changes logits by more than 1e-2.
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_tf32():
+    # Only matters on GPU (CPU never uses TF32); keeps the 1e-5 tolerance honest there.
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_gpt2_dir):
+    config, params = load_gpt2(tiny_gpt2_dir)
+    return GPT2(config), params
+
+
+def jax_logits(model, params, lora, config):
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(jax.jit(lora_apply(model.apply, config))(params, lora, jnp.asarray(IDS)))
+
+
+def torch_logits(model):
+    with torch.no_grad():
+        return model(torch.as_tensor(IDS)).logits.numpy()
+
+
+@pytest.mark.parametrize(("rank", "rslora"), [(1, False), (8, True)])
+def test_adapter_saved_here_loads_in_peft(gpt2, tiny_gpt2_dir, tmp_path, rank, rslora):
+    model, params = gpt2
+    config = LoraConfig(rank=rank, alpha=16.0, target_modules=TARGETS, use_rslora=rslora)
+    lora = with_random_b(init_lora(params, config, jax.random.key(rank)), scale=0.3)
+    save_adapter(tmp_path, lora, config, base_model_name_or_path=str(tiny_gpt2_dir))
+    base = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    plain = torch_logits(base)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    ours = jax_logits(model, params, lora, config)
+    np.testing.assert_allclose(torch_logits(adapted), ours, atol=ATOL, rtol=0)
+    assert np.abs(ours - plain).max() > 1e-2  # the adapter really changes the logits
+    # And our own loader returns the very same numbers.
+    lora_back, config_back = load_adapter(tmp_path, params)
+    assert config_back == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, lora_back, lora)
+
+
+def peft_adapter(directory, base_dir, rank, rslora, **extra):
+    torch.manual_seed(rank)
+    base = GPT2LMHeadModel.from_pretrained(base_dir).eval()
+    peft_config = peft.LoraConfig(
+        r=rank, lora_alpha=12, target_modules=TARGETS, fan_in_fan_out=True, use_rslora=rslora, lora_dropout=0.0, **extra
+    )
+    model = peft.get_peft_model(base, peft_config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)  # PEFT initialises B to zero; make the check meaningful
+    model.save_pretrained(directory)
+    return model.eval()
+
+
+@pytest.mark.parametrize(("rank", "rslora"), [(8, False), (1, True)])
+def test_adapter_made_by_peft_loads_here(gpt2, tiny_gpt2_dir, tmp_path, rank, rslora):
+    model, params = gpt2
+    peft_model = peft_adapter(tmp_path, tiny_gpt2_dir, rank, rslora)
+    lora, config = load_adapter(tmp_path, params)
+    assert (config.rank, config.alpha, config.use_rslora) == (rank, 12, rslora)
+    np.testing.assert_allclose(jax_logits(model, params, lora, config), torch_logits(peft_model), atol=ATOL, rtol=0)
+
+
+def test_peft_layers_to_transform_selects_the_same_modules(gpt2, tiny_gpt2_dir, tmp_path):
+    _, params = gpt2
+    peft_adapter(tmp_path, tiny_gpt2_dir, 2, False, layers_to_transform=[1])
+    lora, config = load_adapter(tmp_path, params)
+    assert config.layers_to_transform == (1,)
+    assert list(lora["transformer"]["h"]) == ["1"]
+    assert sorted(lora["transformer"]["h"]["1"]) == ["attn", "mlp"]
+
+
+@pytest.fixture()
+def saved(gpt2, tmp_path):
+    _, params = gpt2
+    config = LoraConfig(rank=2, target_modules=["c_attn"])
+    save_adapter(tmp_path, init_lora(params, config, jax.random.key(0)), config)
+    return tmp_path
+
+
+def test_format_on_disk(saved):
+    meta = json.loads((saved / CONFIG_FILE).read_text())
+    assert {k: meta[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "fan_in_fan_out", "target_modules", "bias")} == {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 16.0, "fan_in_fan_out": True,
+        "target_modules": ["c_attn"], "bias": "none",
+    }
+    tensors = safetensors.numpy.load_file(saved / WEIGHTS_FILE)
+    assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (2, 32)  # A.T (r, in)
+    assert tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"].shape == (96, 2)  # B.T (out, r)
+    assert {t.dtype for t in tensors.values()} == {np.dtype(np.float32)}
+    assert [p.name for p in saved.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_wrong_model_is_refused(saved, alt_gpt2_dir):
+    _, alt_params = load_gpt2(alt_gpt2_dir)
+    with pytest.raises(ValueError, match="shapes do not fit these params|do not match these params"):
+        load_adapter(saved, alt_params)
+
+
+def test_missing_tensor_is_refused(gpt2, saved):
+    tensors = safetensors.numpy.load_file(saved / WEIGHTS_FILE)
+    del tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"]
+    safetensors.numpy.save_file(tensors, saved / WEIGHTS_FILE)
+    with pytest.raises(ValueError, match=r"missing \['base_model.model.transformer.h.1.attn.c_attn.lora_B.weight'\]"):
+        load_adapter(saved, gpt2[1])
+
+
+def test_truncated_file_is_refused(gpt2, saved):
+    data = (saved / WEIGHTS_FILE).read_bytes()
+    (saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_adapter(saved, gpt2[1])
+
+
+def test_unsupported_peft_features_are_refused(gpt2, saved):
+    meta = json.loads((saved / CONFIG_FILE).read_text())
+    (saved / CONFIG_FILE).write_text(json.dumps({**meta, "use_dora": True, "rank_pattern": {"c_attn": 4}}))
+    with pytest.raises(ValueError, match="use_dora=True, rank_pattern"):
+        load_adapter(saved, gpt2[1])
+
+
+def test_missing_directory(gpt2, tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(tmp_path / "nowhere", gpt2[1])
