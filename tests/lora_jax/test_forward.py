@@ -1,4 +1,4 @@
-"""The interception forward on a non-GPT-2 model: values, factorisation, remat, bf16, dropout."""
+"""The interception forward on a non-GPT-2 model and on GPT-2: values, factorisation, remat, bf16, dropout."""
 
 import sys
 from pathlib import Path
@@ -14,6 +14,7 @@ from encoder_model import Encoder, init_encoder, random_ids, with_random_b  # no
 
 from lora_jax.config import LoraConfig
 from lora_jax.forward import lora_apply, lora_branch, lora_interception
+from lora_jax.gpt2_model import GPT2, GPT2Config, init_gpt2_params
 from lora_jax.initialize import init_lora
 from lora_jax.merge import merge
 
@@ -161,3 +162,39 @@ def test_strict_mode_reports_lora_modules_the_model_never_called(setup):
         jax.eval_shape(lora_apply(model.apply, CONFIG), params, stray, ids)
     out = jax.eval_shape(lora_apply(model.apply, CONFIG, strict=False), params, stray, ids)
     assert out.shape == (2, 6, 5)
+
+
+@pytest.fixture(scope="module")
+def gpt2_setup():
+    gpt = GPT2Config(vocab_size=31, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    params = init_gpt2_params(gpt, jax.random.key(0))
+    config = LoraConfig(rank=2, alpha=4.0, target_modules=["c_attn", "c_proj", "c_fc"])
+    lora = with_random_b(init_lora(params, config, jax.random.key(1)), scale=1.0)
+    return gpt, params, config, lora, random_ids(5, batch=2, length=8, vocab=31)
+
+
+def gpt2_loss(gpt, config, ids, **model_kwargs):
+    forward = lora_apply(GPT2(gpt, **model_kwargs).apply, config)
+
+    def loss(lora, params):
+        logits = forward(params, lora, ids)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def test_gpt2_remat_and_bf16(gpt2_setup):
+    gpt, params, config, lora, ids = gpt2_setup
+    with jax.default_matmul_precision("highest"):
+        (value, logits), grads = gpt2_loss(gpt, config, ids)(lora, params)
+        (value_r, logits_r), grads_r = gpt2_loss(gpt, config, ids, remat=True)(lora, params)
+        (value_h, logits_h), grads_h = gpt2_loss(gpt, config, ids, dtype=jnp.bfloat16)(lora, params)
+        base = jax.jit(lambda p: GPT2(gpt).apply({"params": p}, ids))(params)
+    assert float(jnp.abs(logits - base).max()) > 1e-3  # the branches are active (GPT-2 init weights are small)
+    # remat replays the same fp32 ops: equal up to fusion-level rounding.
+    np.testing.assert_allclose(logits_r, logits, atol=1e-6, rtol=0)
+    jax.tree_util.tree_map(lambda g, gr: np.testing.assert_allclose(gr, g, atol=1e-6, rtol=1e-5), grads, grads_r)
+    # bf16 compute: fp32 LoRA gradients, logits within bf16 rounding (8 mantissa bits, ~1e-2 here).
+    assert {g.dtype for g in jax.tree_util.tree_leaves(grads_h)} == {jnp.dtype(jnp.float32)}
+    assert float(jnp.abs(logits_h - logits).max()) < 5e-2
+
