@@ -43,7 +43,7 @@ def unfreeze_lora_parameters(model: nn.Module) -> nn.Module:
     return model
 
 
-def print_trainable_parameters(model: nn.Module) -> dict[str, float]:
+def print_trainable_parameters(model: nn.Module) -> dict[str, int | float]:
     """Prints and returns the trainable and total parameter counts.
 
     Tied parameters (GPT-2's ``wte`` and ``lm_head``) are counted once.

@@ -35,8 +35,9 @@ def example():
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
+    # 3 pretraining steps: this test checks the LoRA flow's mechanics, not the base model's quality.
     return build_base(tmp_path_factory.mktemp("tiny_base"), n_layer=2, n_embd=32, n_head=2, vocab_size=300,
-                      seq_len=32, batch_size=4, steps=30, seed=0, progress=False)
+                      seq_len=32, batch_size=4, steps=3, seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
