@@ -1,0 +1,164 @@
+"""Every check can fail: each test plants one realistic bug and asserts the matching row catches it.
+
+A parity suite that passes a broken implementation is worthless, so each stage has a bug
+it must catch: a wrong scale, a missing transpose, an untied head, a zero B, a moved Adam
+eps, a skipped layer, a wrong alpha in a saved adapter. Bugs are planted by replacing one
+function the pipeline calls (``pair.with_impl``) or by monkeypatching a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import optax
+import pytest
+from transformers import GPT2LMHeadModel
+
+import parity.adapted
+from parity import Implementations, SuiteSettings, load_pair, run_check, run_suite
+from parity.implementations import inject_torch
+from parity.optimizers import lr_schedule
+
+
+def _row(result, name_part: str):
+    matches = [row for row in result.rows if name_part in row.name]
+    assert matches, f"no row named like {name_part!r} in {[row.name for row in result.rows]}"
+    return matches[0]
+
+
+def _untied_head_loader(model_dir):
+    # The bug: the head is declared untied, so lm_head.weight (absent from the checkpoint, which
+    # stores it once as wte) is freshly initialised instead of shared with wte.
+    return GPT2LMHeadModel.from_pretrained(model_dir, tie_word_embeddings=False).eval()
+
+
+def test_base_forward_catches_untied_lm_head(tiny_gpt2_dir, tiny_pair):
+    assert _row(run_check(tiny_pair, "base_forward"), "logits").passed
+    broken = load_pair(tiny_gpt2_dir, impl=Implementations(load_torch=_untied_head_loader))
+    row = _row(run_check(broken, "base_forward"), "logits")
+    assert not row.passed and row.max_rel > 0.1  # a random head: logits off by their own size
+
+
+def _inject_skipping_last_layer(model, config):
+    # The bug: an off-by-one layer range (range(n_layer - 1)) leaves the last block without LoRA.
+    n_layer = len(model.transformer.h)
+    return inject_torch(model, dataclasses.replace(config, layers_to_transform=tuple(range(n_layer - 1))))
+
+
+def test_injection_catches_one_skipped_layer(tiny_pair):
+    broken = tiny_pair.with_impl(torch_inject=_inject_skipping_last_layer)
+    result = run_check(broken, "injection")
+    names = _row(result, "module names [c_attn,c_proj]")
+    count = _row(result, "trainable params [c_attn,c_proj]")
+    assert not names.passed and names.detail.startswith("only in reference: transformer.h.1.attn.c_attn")
+    # Layer 1's c_attn (32*4 + 4*96) + attn.c_proj (32*4 + 4*32) + mlp.c_proj (128*4 + 4*32).
+    assert not count.passed and count.max_abs == 1408
+
+
+def test_later_stages_fail_when_halves_target_different_modules(tiny_pair):
+    broken = tiny_pair.with_impl(torch_inject=_inject_skipping_last_layer)
+    report = run_suite(broken, SuiteSettings(checks=("forward_delta",)))
+    assert not report.passed
+    assert "LoRA modules differ between the halves" in report.rows[0].detail
+
+
+def _inject_scaling_by_alpha(model, config):
+    # The tutorial bug: multiply the branch by alpha instead of alpha / r.
+    model = inject_torch(model, config)
+    for wrapper in model.modules():
+        if hasattr(wrapper, "lora") and hasattr(wrapper.lora, "scaling"):
+            wrapper.lora.scaling = config.alpha
+    return model
+
+
+def test_forward_delta_catches_alpha_instead_of_alpha_over_r(tiny_pair):
+    result = run_check(tiny_pair.with_impl(torch_inject=_inject_scaling_by_alpha), "forward_delta")
+    delta = _row(result, "delta (lora - base) torch vs JAX [rsLoRA off")
+    # rank 4: torch's branch is 4x JAX's, so the delta error exceeds the delta itself
+    # (more than the linear 3x: later layers see the larger perturbation and amplify it).
+    assert not delta.passed and delta.max_rel > 2.0
+
+
+def test_gradients_catch_alpha_instead_of_alpha_over_r(tiny_pair):
+    result = run_check(tiny_pair.with_impl(torch_inject=_inject_scaling_by_alpha), "gradients")
+    assert not _row(result, "dL/dA").passed
+    assert not _row(result, "loss").passed
+
+
+def test_zero_b_is_caught_where_the_comparison_itself_would_pass(tiny_pair, monkeypatch):
+    # The bug: the harness forgets to draw B, so both halves carry B = 0 (a fresh adapter).
+    monkeypatch.setattr(parity.adapted, "random_nonzero_b", lambda lora, config, seed: lora)
+    for stage in ("forward_delta", "gradients", "merge"):
+        result = run_check(tiny_pair, stage)
+        guard = _row(result, "LoRA B non-zero")
+        assert not guard.passed and guard.max_abs == 6  # all 6 adapted modules have B == 0
+    # Without the guard the delta row alone would pass: both deltas are exactly zero.
+    delta = _row(run_check(tiny_pair, "forward_delta"), "delta (lora - base) torch vs JAX [rsLoRA off")
+    assert delta.passed and delta.max_abs == 0.0
+
+
+def _adamw_eps_inside_sqrt(settings):
+    # The bug: eps moved under the square root (eps_root), as in some hand-written Adams.
+    return optax.chain(
+        optax.clip_by_global_norm(settings.max_grad_norm),
+        optax.adamw(lr_schedule(settings), b1=settings.b1, b2=settings.b2, eps=0.0, eps_root=settings.eps,
+                    weight_decay=settings.weight_decay))
+
+
+def test_training_catches_adam_eps_placed_differently(tiny_pair):
+    result = run_check(tiny_pair.with_impl(jax_optimizer=_adamw_eps_inside_sqrt), "training")
+    update = _row(result, "final A, B minus start")
+    # sqrt(v + 1e-8) damps every element with |g| below ~1e-3: the updates differ by their own size.
+    assert not update.passed and update.max_rel > 0.2
+
+
+def test_merge_catches_missing_transpose_in_linear_merge(tiny_pair, monkeypatch):
+    from lora_torch import LinearWithLoRA
+
+    # The bug: nn.Linear's (out, in) weight gets the (in, out) update untransposed.
+    monkeypatch.setattr(LinearWithLoRA, "delta_weight", lambda self: self.lora.delta_kernel())
+    settings = SuiteSettings(targets=("attn.c_proj",))  # square (32, 32): the bug runs silently
+    result = run_check(tiny_pair, "merge", settings)
+    assert _row(result, "merged weights torch (Conv1D)").passed
+    linear_weights = _row(result, "merged weights torch (Linear)")
+    assert not linear_weights.passed and linear_weights.max_rel > 0.1
+    assert not _row(result, "torch (Linear) merged vs unmerged logits").passed
+
+
+def test_merge_catches_missing_transpose_on_non_square_modules(tiny_pair, monkeypatch):
+    from lora_torch import LinearWithLoRA
+
+    monkeypatch.setattr(LinearWithLoRA, "delta_weight", lambda self: self.lora.delta_kernel())
+    report = run_suite(tiny_pair, SuiteSettings(targets=("c_attn",), checks=("merge",)))
+    # (96, 32) + (32, 96) cannot add: the stage fails with the error instead of crashing the run.
+    assert [row.name for row in report.rows] == ["stage raised"]
+    assert not report.passed and report.rows[0].detail.startswith("RuntimeError")
+
+
+def _jax_save_writing_scaling_as_alpha(out_dir, lora, config):
+    # The bug: the adapter config records the scaling s = alpha / r where PEFT expects alpha.
+    from lora_jax import save_adapter
+
+    save_adapter(out_dir, lora, config)
+    config_file = Path(out_dir) / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data["lora_alpha"] = config.scaling
+    config_file.write_text(json.dumps(data))
+
+
+def test_interchange_catches_wrong_alpha_in_saved_adapter(tiny_pair):
+    result = run_check(tiny_pair.with_impl(jax_save_adapter=_jax_save_writing_scaling_as_alpha), "interchange")
+    assert _row(result, "JAX-saved -> torch-loaded A, B").passed  # the tensors are right...
+    assert not _row(result, "JAX-saved adapter: torch logits").passed  # ...the scale is not
+    assert not _row(result, "peft.PeftModel").passed
+    assert _row(result, "torch-saved adapter: JAX logits").passed  # the other direction is intact
+
+
+def test_every_stage_has_a_planted_bug():
+    # Keeps this file honest when a stage is added.
+    from parity import CHECKS
+
+    covered = {"base_forward", "injection", "forward_delta", "gradients", "training", "merge", "interchange"}
+    assert set(CHECKS) == covered
