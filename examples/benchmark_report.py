@@ -1,0 +1,142 @@
+"""Writes a ``compare_implementations.py`` run as JSON, a markdown table and a bar chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+
+from parity.environment import package_versions
+
+BASELINE = "peft"  # ratios are against PEFT eager, the implementation most people use
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: str, threads: int) -> dict:
+    """Where the numbers come from: CPU, accelerator, threads, versions."""
+    import jax
+    import torch
+
+    info = {"cpu": _cpu_model(), "logical_cores": os.cpu_count(), "threads": threads,
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "python": platform.python_version(), "versions": package_versions(),
+            "jax_devices": [str(d) for d in jax.devices()]}
+    if device == "gpu" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _atomic_write(path: str, write) -> None:
+    """Writes through a temporary file in the same directory, then renames it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _fmt(value, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _ratio_rows(config: dict) -> dict[str, float]:
+    rates = {r["name"]: r["tokens_per_s_median"] for r in config["results"]}
+    base = rates.get(BASELINE)
+    return {name: rate / base for name, rate in rates.items()} if base else {}
+
+
+def _markdown(report: dict) -> Iterator[str]:
+    m = report["machine"]
+    yield "# Implementation comparison: one LoRA training step\n"
+    yield f"Command: `{report['command']}`\n"
+    yield (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} threads "
+           f"(torch {m['torch_threads']}){', GPU ' + m['gpu'] if 'gpu' in m else ''}; "
+           f"{m['platform']}; python {m['python']}.\n")
+    yield "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n"
+    yield (f"Timing: {report['warmup']} warm-up steps each, then {report['steps']} interleaved rounds "
+           "(one step of every implementation per round, rotating order). Tokens/s is the median "
+           "with [min, max]; the ratio column divides by PEFT eager's median in the same run.\n")
+    for config in report["configs"]:
+        w, ratios, peak = config["workload"], _ratio_rows(config), config["matmul_peak"]
+        yield (f"\n## GPT-2 {config['preset']} ({w['n_layer']} layers, width {w['n_embd']}), "
+               f"batch {w['batch']} x {w['seq']}, {w['dtype']}, LoRA r=16 on c_attn/c_proj/c_fc\n")
+        yield (f"Matmul roof measured in this run: {peak['gflops']:.0f} GFLOP/s ({peak['dtype']}, "
+               f"{'x'.join(map(str, peak['shape']))}; torch {peak['torch_gflops']:.0f}, XLA {peak['jax_gflops']:.0f}).\n")
+        yield ("| implementation | training | tokens/s median [min, max] | step ms | vs PEFT eager | "
+               "GFLOP/step analytic (XLA) | GFLOP/s | of roof | peak RSS in step MB | XLA peak MB | warm-up s |")
+        yield "|---|---|---|---|---|---|---|---|---|---|---|"
+        for r in config["results"]:
+            yield (f"| {r['name']} | {r['training']} | {r['tokens_per_s_median']:.0f} "
+                   f"[{r['tokens_per_s_min']:.0f}, {r['tokens_per_s_max']:.0f}] | {1000 * r['step_s_median']:.0f} | "
+                   f"{_fmt(ratios.get(r['name']), '.2f')} | {r['flops_per_step'] / 1e9:.0f} ({_fmt(r.get('xla_flops_per_step', 0) / 1e9 or None)}) | "
+                   f"{_fmt(r.get('achieved_gflops'))} | {_fmt(r.get('utilisation_vs_peak'), '.0%')} | "
+                   f"{_fmt(r.get('peak_rss_mb'))} | {_fmt(r.get('xla_peak_mb'))} | {r['warmup_s']:.1f} |")
+        if config["skipped"]:
+            yield f"\nSkipped (not installed): {', '.join(config['skipped'])}.\n"
+        if config["memory_table"]:
+            yield "\nXLA memory analysis of the JAX step (compile only), MB:\n"
+            yield "| training | remat | arguments | outputs | temporaries | aliased (donated) | peak |"
+            yield "|---|---|---|---|---|---|---|"
+            for row in config["memory_table"]:
+                yield (f"| {row['training']} | {row['remat']} | {row['xla_argument_mb']:.0f} | {row['xla_output_mb']:.0f} | "
+                       f"{row['xla_temp_mb']:.0f} | {row['xla_alias_mb']:.0f} | {row['xla_peak_mb']:.0f} |")
+    yield ("\nPeak RSS is the whole process (every implementation's weights stay resident) sampled every "
+           "2 ms during that implementation's steps; compare it across rows, not to the model size. "
+           "XLA peak = arguments + outputs + temporaries - aliased. GFLOP/s and the share of the roof use "
+           "the hand count (`analytic_flops` in examples/benchmark_steps.py) for every row; XLA's cost "
+           "analysis is shown in brackets. It matches the hand count where the step has no loop "
+           "(jax_lora_logits) and undercounts the chunked loss, whose scan body XLA counts once.\n")
+
+
+def _plot(report: dict, f) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    configs = report["configs"]
+    fig, axes = plt.subplots(1, len(configs), figsize=(7 * len(configs), 4.5), squeeze=False)
+    for ax, config in zip(axes[0], configs):
+        rows = config["results"]
+        names = [r["name"] for r in rows]
+        med = [r["tokens_per_s_median"] for r in rows]
+        err = [[m - r["tokens_per_s_min"] for m, r in zip(med, rows)], [r["tokens_per_s_max"] - m for m, r in zip(med, rows)]]
+        colors = [to_rgba("tab:blue" if r["framework"] == "jax" else "tab:orange", 0.45 if r["training"] == "full" else 1.0)
+                  for r in rows]
+        bars = ax.bar(names, med, yerr=err, capsize=3, color=colors)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        w = config["workload"]
+        ax.set_title(f"GPT-2 {config['preset']}, {w['batch']}x{w['seq']} {w['dtype']}")
+        ax.set_ylabel("tokens / s (median, min-max)")
+        ax.tick_params(axis="x", rotation=35, labelsize=8)
+    fig.suptitle(f"LoRA r=16 training step, blue JAX / orange torch, faded = full FT ({report['machine']['cpu']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, prefix: str) -> list[str]:
+    """Writes ``prefix.json``, ``prefix.md`` and ``prefix.png`` atomically; returns the paths."""
+    paths = [prefix + ext for ext in (".json", ".md", ".png")]
+    _atomic_write(paths[0], lambda f: f.write(json.dumps(report, indent=2).encode()))
+    _atomic_write(paths[1], lambda f: f.write(("\n".join(_markdown(report)) + "\n").encode()))
+    _atomic_write(paths[2], lambda f: _plot(report, f))
+    return paths

@@ -1,0 +1,327 @@
+"""The training steps that ``compare_implementations.py`` times, one builder per implementation.
+
+Each builder returns a ``Timed`` whose ``step()`` runs one optimizer step and waits for it to
+finish (``block_until_ready`` / ``cuda.synchronize``), so wall time measures the whole step.
+Within a step nothing syncs with the host: the JAX state stays on device and is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+RANK, ALPHA, LR = 16, 32.0, 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One model shape and batch, shared by every implementation."""
+
+    preset: str
+    n_embd: int
+    n_layer: int
+    n_head: int
+    batch: int
+    seq: int
+    dtype: str  # "float32" or "bfloat16" (compute; LoRA params stay float32)
+    device: str
+    chunk_size: int = 128
+    vocab: int = 50257
+    n_positions: int = 1024
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Timed:
+    """A built implementation: ``step()`` trains one step; ``info`` holds FLOPs and memory."""
+
+    name: str
+    framework: str
+    training: str  # "lora" or "full"
+    step: Callable[[], None]
+    info: dict
+    close: Callable[[], None] = lambda: None
+    peak_rss: list = dataclasses.field(default_factory=list)
+
+    def measured_step(self) -> None:
+        """One step, sampling the process RSS meanwhile (CPU memory is only visible that way)."""
+        with RssSampler() as sampler:
+            self.step()
+        self.info["peak_rss_mb"] = max(self.info.get("peak_rss_mb", 0.0), sampler.peak_mb)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssSampler:
+    """Peak resident set size while the ``with`` block runs, sampled every 2 ms."""
+
+    def __enter__(self) -> RssSampler:
+        self.peak_mb, self._stop = rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak_mb = max(self.peak_mb, rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+
+def analytic_flops(w: Workload, training: str) -> float:
+    """Matmul FLOPs of one step, counted by hand (torch has no cost analysis).
+
+    Forward per token: ``24 L D^2`` (the four projections), ``4 L T D`` (scores and values,
+    counted for the full T x T square as XLA and SDPA compute it), ``2 D V`` (tied head), plus
+    ``2 r (in + out)`` per LoRA module. LoRA backward propagates activations through the frozen
+    matmuls (1x forward) and forms the LoRA gradients (2x the LoRA forward); full fine-tuning's
+    backward is 2x forward.
+    """
+    d, layers, t = w.n_embd, w.n_layer, w.seq
+    base = 24 * layers * d * d + 4 * layers * t * d + 2 * d * w.vocab
+    lora = 2 * RANK * layers * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))
+    tokens = w.batch * w.seq
+    if training == "full":
+        return 3.0 * base * tokens
+    return (2.0 * base + 3.0 * lora) * tokens
+
+
+# ------------------------------------------------------------------------------------------- JAX
+
+
+def _jax_setup(w: Workload, remat: bool = False):
+    import jax
+    import jax.numpy as jnp
+
+    from lora_jax.gpt2_model import GPT2, GPT2Config
+
+    config = GPT2Config(vocab_size=w.vocab, n_positions=w.n_positions, n_embd=w.n_embd, n_layer=w.n_layer,
+                        n_head=w.n_head)
+    dtype = jnp.dtype(w.dtype)
+    model = GPT2(config, dtype=dtype, param_dtype=dtype, remat=remat)
+    ids = jax.random.randint(jax.random.key(1), (w.batch, w.seq), 0, w.vocab)
+    return config, model, {"input_ids": ids}
+
+
+def _jax_step_fns(w: Workload, training: str, chunked: bool, remat: bool = False):
+    """``(step, init_state)``: the jitted step and a function making its arguments."""
+    import jax
+    import optax
+
+    from lora_jax import LoraConfig, gpt2_lm_loss, init_lora, make_train_step
+    from lora_jax.chunked_loss import chunked_next_token_loss, gpt2_chunked_lm_loss
+    from lora_jax.gpt2_model import init_gpt2_params
+
+    config, model, batch = _jax_setup(w, remat)
+    tx = optax.adamw(LR)
+    lora_config = LoraConfig(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
+    if training == "full":
+        def loss_fn(params, _unused, batch, _rng):
+            hidden = model.apply({"params": params}, batch["input_ids"], method="hidden")
+            return chunked_next_token_loss(hidden, params["transformer"]["wte"]["embedding"], batch["input_ids"],
+                                           chunk_size=w.chunk_size, embedding_grad=True)
+    else:
+        loss_fn = (gpt2_chunked_lm_loss(model, lora_config, chunk_size=w.chunk_size) if chunked
+                   else gpt2_lm_loss(model, lora_config))
+    step = make_train_step(loss_fn, tx, donate=True)
+
+    def init_state(abstract: bool = False):
+        make_params = lambda: init_gpt2_params(config, jax.random.key(0), param_dtype=model.param_dtype)  # noqa: E731
+        params = jax.eval_shape(make_params) if abstract else make_params()
+        make = jax.eval_shape if abstract else (lambda f, *a: f(*a))
+        if training == "full":
+            return params, make(tx.init, params), None
+        lora = make(lambda p: init_lora(p, lora_config, jax.random.key(2)), params)
+        return lora, make(tx.init, lora), params
+
+    return step, init_state, batch
+
+
+def _xla_analysis(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    # XLA counts a while loop's body once, not once per trip: the chunked loss's scan is undercounted.
+    info = {"xla_flops_per_step": float(cost.get("flops", 0.0))}
+    if mem is not None:
+        info.update({
+            "xla_argument_mb": mem.argument_size_in_bytes / 2**20,
+            "xla_output_mb": mem.output_size_in_bytes / 2**20,
+            "xla_temp_mb": mem.temp_size_in_bytes / 2**20,
+            "xla_alias_mb": mem.alias_size_in_bytes / 2**20,
+        })
+        info["xla_peak_mb"] = info["xla_argument_mb"] + info["xla_output_mb"] + info["xla_temp_mb"] - info["xla_alias_mb"]
+    return info
+
+
+def build_jax(name: str, w: Workload, training: str, chunked: bool) -> Timed:
+    import jax
+
+    rss_before = rss_mb()
+    step, init_state, batch = _jax_step_fns(w, training, chunked)
+    trained, opt_state, frozen = init_state()
+    rng = jax.random.key(3)
+    info = _xla_analysis(step.lower(trained, opt_state, frozen, batch, rng).compile())
+    info["flops_per_step"] = analytic_flops(w, training)  # one yardstick for every row
+    state = {"trained": trained, "opt": opt_state}
+
+    def run() -> None:
+        state["trained"], state["opt"], metrics = step(state["trained"], state["opt"], frozen, batch, rng)
+        jax.block_until_ready((state["trained"], metrics["loss"]))
+
+    def close() -> None:
+        state.clear()
+
+    info["rss_added_by_build_mb"] = rss_mb() - rss_before
+    return Timed(name, "jax", training, run, info, close)
+
+
+def jax_memory_table(w: Workload) -> list[dict]:
+    """XLA's memory analysis of the step, LoRA and full FT, with and without remat (compile only)."""
+    import jax
+
+    rows = []
+    for training in ("lora", "full"):
+        for remat in (False, True):
+            step, init_state, batch = _jax_step_fns(w, training, chunked=True, remat=remat)
+            args = (*init_state(abstract=True), batch, jax.random.key(3))
+            t0 = time.perf_counter()
+            info = _xla_analysis(step.lower(*args).compile())
+            rows.append({"training": training, "remat": remat, "compile_s": time.perf_counter() - t0, **info})
+            print(f"  memory: {training} remat={remat}: peak {info.get('xla_peak_mb', float('nan')):.0f} MB", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- torch
+
+
+def _torch_model(w: Workload):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=w.vocab, n_positions=w.n_positions, n_embd=w.n_embd, n_layer=w.n_layer,
+                        n_head=w.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)  # transformers' default attention: SDPA
+    return model.to(device="cuda" if w.device == "gpu" else "cpu", dtype=getattr(torch, w.dtype))
+
+
+def _adapt(model, variant: str):
+    if variant == "lora_torch":
+        from lora_torch import freeze_base_model, inject_lora
+
+        return freeze_base_model(inject_lora(model, TARGETS, rank=RANK, lora_alpha=ALPHA, verbose=False))
+    if variant == "peft":
+        import peft
+
+        config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+                                 fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM")
+        return peft.get_peft_model(model, config)
+    return model  # full fine-tuning: every parameter trains
+
+
+def build_torch(name: str, w: Workload, variant: str, compiled: bool) -> Timed | None:
+    import torch
+
+    if variant == "peft":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            print(f"  skipping {name}: peft is not installed", flush=True)
+            return None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rss_before = rss_mb()
+    device = "cuda" if w.device == "gpu" else "cpu"
+    model = _adapt(_torch_model(w), variant).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=1e-4, fused=True)  # optax.adamw's default wd
+    forward = torch.compile(model) if compiled else model
+    ids = torch.randint(0, w.vocab, (w.batch, w.seq), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        sync()
+
+    def close() -> None:
+        params.clear()
+        del optimizer.param_groups[:]
+        gc.collect()
+
+    training = "full" if variant == "full" else "lora"
+    info = {"flops_per_step": analytic_flops(w, training),
+            "trainable_params": sum(p.numel() for p in params),
+            "attention": getattr(model.config, "_attn_implementation", "unknown"),
+            "rss_added_by_build_mb": rss_mb() - rss_before}
+    if device == "cuda":
+        info["cuda_resident_mb"] = torch.cuda.memory_allocated() / 2**20
+    return Timed(name, "torch", training, run, info, close)
+
+
+IMPLEMENTATIONS: dict[str, Callable[[Workload], Timed | None]] = {
+    "jax_lora": lambda w: build_jax("jax_lora", w, "lora", chunked=True),
+    "jax_lora_logits": lambda w: build_jax("jax_lora_logits", w, "lora", chunked=False),
+    "torch_lora": lambda w: build_torch("torch_lora", w, "lora_torch", compiled=False),
+    "torch_lora_compile": lambda w: build_torch("torch_lora_compile", w, "lora_torch", compiled=True),
+    "peft": lambda w: build_torch("peft", w, "peft", compiled=False),
+    "peft_compile": lambda w: build_torch("peft_compile", w, "peft", compiled=True),
+    "jax_full": lambda w: build_jax("jax_full", w, "full", chunked=True),
+    "torch_full": lambda w: build_torch("torch_full", w, "full", compiled=False),
+}
+
+
+def build_implementation(name: str, w: Workload) -> Timed | None:
+    if name not in IMPLEMENTATIONS:
+        raise SystemExit(f"Unknown implementation {name!r}; choose from {sorted(IMPLEMENTATIONS)}.")
+    print(f"  building {name}", flush=True)
+    return IMPLEMENTATIONS[name](w)
+
+
+def matmul_peak_gflops(device: str, dtype: str, n: int | None = None) -> dict[str, Any]:
+    """The best of a few square matmuls, in GFLOP/s: the roof MFU is measured against.
+
+    On GPU this is the bf16 tensor-core rate of torch; on CPU the float32 rate of torch and of
+    XLA (the larger is the roof, since both run on the same cores).
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    n = n or (8192 if device == "gpu" else 1024)
+    torch_dev = "cuda" if device == "gpu" else "cpu"
+    a = torch.randn(n, n, device=torch_dev, dtype=getattr(torch, dtype))
+    sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+
+    def best(fn, repeats: int = 10) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 2 * n**3 / min(times) / 1e9
+
+    torch_rate = best(lambda: (a @ a, sync()))
+    x = jnp.asarray(a.float().cpu().numpy(), dtype=jnp.dtype(dtype))
+    matmul = jax.jit(lambda m: m @ m)
+    jax_rate = best(lambda: matmul(x).block_until_ready())
+    return {"gflops": max(torch_rate, jax_rate), "torch_gflops": torch_rate, "jax_gflops": jax_rate,
+            "shape": [n, n, n], "dtype": dtype}

@@ -1,0 +1,163 @@
+"""Speed and memory of one LoRA training step, implementation against implementation, in one run.
+
+Every implementation trains the same GPT-2 shape (random init, no download) on the same batch,
+with LoRA rank 16 (alpha 32) on ``c_attn``, ``c_proj`` and ``c_fc`` and AdamW:
+
+- ``jax_lora``: ``lora_jax`` with the chunked, gradient-fused LM-head loss, jitted, donated buffers.
+- ``jax_lora_logits``: the same with the plain full-logits loss (shows what the chunked head buys).
+- ``torch_lora`` / ``torch_lora_compile``: ``lora_torch`` on transformers' GPT-2, eager / torch.compile.
+- ``peft`` / ``peft_compile``: PEFT on the same model, eager / torch.compile.
+- ``jax_full`` / ``torch_full``: full fine-tuning, the reference cost.
+
+Timing is interleaved: after each implementation's warm-up (compilation), every round runs one
+step of each implementation, in a rotating order, so drifting machine load hits all of them
+alike. Tokens/s is the median over rounds, with min and max.
+
+CPU (the committed docs/benchmark_cpu.*)::
+
+    python examples/compare_implementations.py --device cpu --threads 2 --steps 8 --warmup 2
+
+GPU: ``--device gpu`` runs GPT-2 small and medium at 16 x 1024 in bf16 and reports MFU against
+a bf16 matmul peak measured in the same run. Quick smoke run: ``--steps 1 --warmup 1 --layers 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch and XLA")
+    p.add_argument("--steps", type=int, default=8, help="timed rounds (one step of each implementation per round)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation (compilation)")
+    p.add_argument("--configs", nargs="+", default=None, help="small / medium (default: small on CPU, both on GPU)")
+    p.add_argument("--batch", type=int, default=None, help="default 4 on CPU, 16 on GPU")
+    p.add_argument("--seq", type=int, default=None, help="default 128 on CPU, 1024 on GPU")
+    p.add_argument("--layers", type=int, default=None, help="override n_layer (smoke runs)")
+    p.add_argument("--impls", nargs="+", default=None, help="subset of implementations to run")
+    p.add_argument("--chunk-size", type=int, default=128, help="token rows per LM-head chunk (jax_lora)")
+    p.add_argument("--no-memory-table", action="store_true", help="skip the compile-only remat memory table")
+    p.add_argument("--out", default=None, help="output prefix (default docs/benchmark_<device>)")
+    args = p.parse_args(argv)
+    for name in ("steps", "warmup", "threads", "chunk_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None:
+    # Both frameworks get the same thread budget; XLA reads its flags when jax is first imported.
+    os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
+    if ARGS.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={ARGS.threads}")
+    else:  # torch and XLA share the GPU: no preallocation by XLA
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import statistics  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))  # sibling module when run as a script
+from benchmark_steps import (  # noqa: E402
+    IMPLEMENTATIONS,
+    Workload,
+    build_implementation,
+    jax_memory_table,
+    matmul_peak_gflops,
+)
+from benchmark_report import machine_info, write_report  # noqa: E402
+
+PRESETS = {"small": dict(n_embd=768, n_layer=12, n_head=12), "medium": dict(n_embd=1024, n_layer=24, n_head=16)}
+
+
+def run_rounds(impls: list, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Warms each implementation up, then times ``steps`` rounds of one step each, order rotating."""
+    for impl in impls:
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            impl.step()
+        impl.info["warmup_s"] = time.perf_counter() - t0
+        print(f"  warmed up {impl.name} in {impl.info['warmup_s']:.1f}s", flush=True)
+    times: dict[str, list[float]] = {impl.name: [] for impl in impls}
+    for r in range(steps):
+        order = impls[r % len(impls):] + impls[: r % len(impls)]
+        for impl in order:
+            t0 = time.perf_counter()
+            impl.measured_step()
+            times[impl.name].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{steps}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+    return times
+
+
+def summarize(impl, seconds: list[float], tokens: int, peak_gflops: float | None) -> dict:
+    """One result row: tokens/s (median, min, max), step time, FLOPs, utilisation, memory."""
+    median = statistics.median(seconds)
+    row = {
+        "name": impl.name,
+        "framework": impl.framework,
+        "training": impl.training,
+        "step_s_median": median,
+        "step_s_all": seconds,
+        "tokens_per_s_median": tokens / median,
+        "tokens_per_s_min": tokens / max(seconds),
+        "tokens_per_s_max": tokens / min(seconds),
+        **impl.info,
+    }
+    flops = impl.info.get("flops_per_step")
+    if flops:
+        row["achieved_gflops"] = flops / median / 1e9
+        if peak_gflops:
+            row["utilisation_vs_peak"] = row["achieved_gflops"] / peak_gflops
+    return row
+
+
+def run_config(args, preset: str, dtype: str) -> dict:
+    shape = dict(PRESETS[preset])
+    if args.layers:
+        shape["n_layer"] = args.layers
+    workload = Workload(preset=preset, batch=args.batch, seq=args.seq, dtype=dtype, device=args.device,
+                        chunk_size=args.chunk_size, **shape)
+    names = args.impls or list(IMPLEMENTATIONS)
+    print(f"[{preset}] {workload}", flush=True)
+    impls = [impl for impl in (build_implementation(name, workload) for name in names) if impl is not None]
+    peak = matmul_peak_gflops(args.device, dtype)
+    times = run_rounds(impls, args.steps, args.warmup)
+    tokens = workload.batch * workload.seq
+    rows = [summarize(impl, times[impl.name], tokens, peak["gflops"]) for impl in impls]
+    skipped = [name for name in names if name not in times]
+    for impl in impls:
+        impl.close()
+    memory = [] if args.no_memory_table else jax_memory_table(workload)
+    return {"preset": preset, "workload": workload.as_dict(), "matmul_peak": peak, "results": rows,
+            "skipped": skipped, "memory_table": memory}
+
+
+def main(args: argparse.Namespace) -> None:
+    gpu = args.device == "gpu"
+    args.batch = args.batch or (16 if gpu else 4)
+    args.seq = args.seq or (1024 if gpu else 128)
+    dtype = "bfloat16" if gpu else "float32"
+    presets = args.configs or (["small", "medium"] if gpu else ["small"])
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise SystemExit(f"Unknown --configs {unknown}; choose from {sorted(PRESETS)}.")
+    report = {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "machine": machine_info(args.device, args.threads),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "configs": [run_config(args, preset, dtype) for preset in presets],
+    }
+    out = args.out or os.path.join(os.path.dirname(__file__), "..", "docs", f"benchmark_{args.device}")
+    for path in write_report(report, os.path.normpath(out)):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main(ARGS)
