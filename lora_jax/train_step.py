@@ -98,9 +98,9 @@ def make_combined_train_step(
 ) -> Callable[[Any, Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]:
     """A jitted ``step(full, opt_state, batch, rng)`` over one combined tree, frozen via ``lora_optimizer``.
 
-    Simpler to wire into code that holds one tree, but it differentiates the whole tree, so
-    prefer ``make_train_step`` when FLOPs matter (XLA cannot always prune the unused base
-    gradients once they feed the optimizer).
+    Simpler to wire into code that holds one tree. XLA prunes the base-weight gradients that
+    ``set_to_zero`` discards, so FLOPs match ``make_train_step`` (docs/lora_cost.md), but the
+    whole tree goes in and comes out of the step, which about doubles the state memory.
 
     Args:
         loss_fn: ``loss_fn(full, batch, rng) -> scalar``.
