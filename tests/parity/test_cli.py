@@ -1,0 +1,91 @@
+"""``python -m parity``: a real run with every output, and each bad input answered with exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from parity.cli import main
+
+
+def test_cli_run_on_alt_shape_writes_table_json_markdown_and_dump(alt_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    page = tmp_path / "page.md"
+    page.write_text("# Hand-written intro\n\nkept as is\n")
+    code = main(["--model", str(alt_gpt2_dir), "--targets", "c_attn,c_fc", "--rank", "8", "--alpha", "16",
+                 "--rslora", "--checks", "base_forward,forward_delta,merge", "--json", str(out / "r.json"),
+                 "--markdown", str(page), "--section", "alt", "--dump", str(out / "dump")])
+    table = capsys.readouterr().out
+    assert code == 0
+    assert "PASS: all 16 rows within tolerance" in table and "device: cpu" in table and "dtype: fp32" in table
+    report = json.loads((out / "r.json").read_text())
+    assert report["passed"] is True and report["settings"]["rank"] == 8 and report["settings"]["use_rslora"]
+    assert report["environment"]["versions"]["torch"] == torch.__version__
+    text = page.read_text()
+    assert text.startswith("# Hand-written intro\n\nkept as is\n") and "<!-- parity:alt:end -->" in text
+    dumped = {p.stem: np.load(p) for p in (out / "dump").glob("*.npy")}
+    assert dumped["input_ids"].shape == (2, 16) and dumped["input_ids"].dtype == np.int64
+    assert len(dumped) == 7
+    for name in ("torch_base_logits", "jax_base_logits", "torch_merged_logits", "jax_lora_logits"):
+        assert dumped[name].shape == (2, 16, 97) and dumped[name].dtype == np.float32
+    # fp32 parity: the dumped halves agree far inside the logits tolerance (rel 1e-5).
+    scale = np.abs(dumped["jax_base_logits"]).max()
+    assert np.abs(dumped["torch_base_logits"] - dumped["jax_base_logits"]).max() < 1e-5 * scale
+
+
+def _zero_b_adapter(model_dir, out_dir):
+    from lora_torch import inject_lora, save_adapter
+
+    model = inject_lora(GPT2LMHeadModel.from_pretrained(model_dir), ["c_attn"], rank=4, lora_alpha=8.0,
+                        verbose=False)
+    save_adapter(model, out_dir)  # freshly injected: B == 0
+    return out_dir
+
+
+def test_cli_exits_1_when_a_check_fails_on_an_untrained_adapter(tiny_gpt2_dir, tmp_path, capsys):
+    adapter = _zero_b_adapter(tiny_gpt2_dir, tmp_path / "fresh_adapter")
+    code = main(["--model", str(tiny_gpt2_dir), "--adapter", str(adapter), "--checks", "forward_delta"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in out and "B == 0 in 2/2 modules" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model_dir"], "Model directory '/no/such/model_dir' does not exist"),
+    (["--device", "gpu"], "--device gpu needs a GPU visible to both frameworks"),
+    (["--rank", "0"], "rank"),
+    (["--steps", "0"], "steps must be an int >= 1"),
+    (["--checks", "base_forward,merged"], "Unknown or no checks ['merged']"),
+    (["--adapter", "/x", "--rank", "8"], "drop --rank"),
+    (["--targets", "re:(unclosed"], "target_modules"),
+])
+def test_cli_bad_input_exits_2_with_a_clear_message(args, message, capsys):
+    if args[:2] == ["--device", "gpu"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m parity: error: ") and message in err
+
+
+def test_cli_rejects_non_gpt2_checkpoint(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["--model", str(tmp_path)]) == 2
+    assert "holds a 'llama' checkpoint; parity compares GPT-2 only" in capsys.readouterr().err
+
+
+def test_cli_rejects_adapter_made_for_another_model(tiny_gpt2_dir, alt_gpt2_dir, tmp_path, capsys):
+    adapter = _zero_b_adapter(alt_gpt2_dir, tmp_path / "alt_adapter")  # width 48, tiny is width 32
+    assert main(["--model", str(tiny_gpt2_dir), "--adapter", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert "has shape (4, 48), but this GPT-2's transformer.h.0.attn.c_attn needs (r, 32)" in err
+
+
+def test_cli_unknown_device_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "tpu"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
