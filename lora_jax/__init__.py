@@ -3,7 +3,9 @@
 The core is model-agnostic: ``init_lora`` builds a LoRA tree mirroring the targeted
 ``nn.Dense`` kernels, ``lora_apply`` adds ``s * (x A) B`` to those layers by intercepting their
 calls, ``make_train_step`` differentiates only the LoRA tree, ``merge`` folds it into the
-kernels, and ``save_adapter``/``load_adapter`` speak PEFT's adapter format.
+kernels, and ``save_adapter``/``load_adapter`` speak PEFT's adapter format. The GPT-2 side
+(``GPT2``, ``load_gpt2``, ``generate``, ``ensure_base``...) and the chunked losses are exported
+lazily, so ``import lora_jax`` only loads the core.
 
 Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -41,13 +43,15 @@ from lora_jax.train_step import lora_optimizer, make_combined_train_step, make_t
 
 # Names from modules that are heavier or optional load on first use (PEP 562).
 _LAZY = {
-    "load_adapter": "lora_jax.peft_format",
-    "save_adapter": "lora_jax.peft_format",
-    "GPT2": "lora_jax.gpt2_model",
-    "GPT2Config": "lora_jax.gpt2_model",
-    "init_gpt2_params": "lora_jax.gpt2_model",
-    "load_gpt2": "lora_jax.gpt2_loading",
-    "save_gpt2": "lora_jax.gpt2_loading",
+    **dict.fromkeys(("adapter_config_dict", "load_adapter", "peft_state_dict", "save_adapter"), "lora_jax.peft_format"),
+    **dict.fromkeys(
+        ("GPT2", "GPT2Config", "KVCache", "gpt2_medium", "gpt2_small", "gpt2_xl", "init_cache", "init_gpt2_params"),
+        "lora_jax.gpt2_model",
+    ),
+    **dict.fromkeys(("load_gpt2", "save_gpt2"), "lora_jax.gpt2_loading"),
+    "generate": "lora_jax.generation",
+    **dict.fromkeys(("chunked_cross_entropy", "chunked_next_token_loss", "gpt2_chunked_lm_loss"), "lora_jax.chunked_loss"),
+    **dict.fromkeys(("ensure_base", "load_tokenizer"), "lora_jax.embedded"),
 }
 
 __all__ = [
