@@ -24,6 +24,10 @@ def _window_loss(model: GPT2, params: Params, windows: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
 
 
+# The model is hashable (a frozen config), so one compiled loss serves every call per shape.
+_jitted_window_loss = jax.jit(_window_loss, static_argnums=0)
+
+
 def pretraining_optimizer(learning_rate: float, steps: int, weight_decay: float = 0.01) -> optax.GradientTransformation:
     """AdamW with clipping at 1.0, 10% linear warmup, cosine decay to 10%; no decay on vectors."""
     schedule = optax.warmup_cosine_decay_schedule(
@@ -105,5 +109,4 @@ def mean_token_loss(model: GPT2, params: Params, ids: np.ndarray, *, batch_size:
     n_batches = count // batch
     windows = np.stack([ids[i * (span - 1) : i * (span - 1) + span] for i in range(n_batches * batch)])
     windows = windows.astype(np.int32).reshape(n_batches, batch, span)  # (N, B, T + 1)
-    loss_of = jax.jit(lambda p, w: _window_loss(model, p, w))
-    return float(np.mean([float(loss_of(params, chunk)) for chunk in windows]))
+    return float(np.mean([float(_jitted_window_loss(model, params, chunk)) for chunk in windows]))

@@ -103,13 +103,12 @@ def _build_into(model_dir: Path, settings: BaseSettings, config: GPT2Config, pro
     started = time.perf_counter()
     text = base_corpus()
     tokenizer = train_bpe_tokenizer(text, settings.vocab_size)
-    ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int32)
+    ids = _encode(tokenizer, text)
     cut = int(len(ids) * (1.0 - BASE_HELDOUT_FRACTION))
     params, losses = pretrain(
         config, ids[:cut], batch_size=settings.batch_size, steps=settings.steps,
         learning_rate=settings.learning_rate, seed=settings.seed, progress=progress,
     )  # fmt: skip
-    train_seconds = time.perf_counter() - started
     eot = tokenizer.token_to_id(END_OF_TEXT)
     save_gpt2(params, config, model_dir, extra_config={"bos_token_id": eot, "eos_token_id": eot})
     tokenizer.save(str(model_dir / "tokenizer.json"))
@@ -120,16 +119,23 @@ def _build_into(model_dir: Path, settings: BaseSettings, config: GPT2Config, pro
         "base_corpus": {"source": "pydoc_data.topics", "sha256": text_sha256(text), "tokens": int(len(ids))},
         "target_corpus": {"source": str(target_path()), "sha256": text_sha256("".join(target_corpus()))},
         "final_train_loss": float(np.mean(losses[-max(1, len(losses) // 20) :])),  # last 5% of steps
-        "base_heldout_loss": _heldout_loss(config, params, ids[cut:]),
-        "build_seconds": round(train_seconds, 1),
+        # Losses in nats per token of this tokenizer; the target text should score clearly worse.
+        "base_heldout_loss": _loss_or_none(config, params, ids[cut:]),
+        "target_train_loss": _loss_or_none(config, params, _encode(tokenizer, target_corpus()[0])),
+        "target_heldout_loss": _loss_or_none(config, params, _encode(tokenizer, target_corpus()[1])),
     }
+    metadata["build_seconds"] = round(time.perf_counter() - started, 1)  # tokenizer + training + evaluation
     (model_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
 
-def _heldout_loss(config: GPT2Config, params, heldout_ids: np.ndarray) -> float | None:
-    if len(heldout_ids) <= config.n_positions + 1:
-        return None  # tiny test settings can leave too little held-out text for one window
-    return mean_token_loss(GPT2(config), params, heldout_ids)
+def _encode(tokenizer, text: str) -> np.ndarray:
+    return np.asarray(tokenizer.encode(text).ids, dtype=np.int32)
+
+
+def _loss_or_none(config: GPT2Config, params, ids: np.ndarray) -> float | None:
+    if len(ids) <= config.n_positions + 1:
+        return None  # too little text for one window (only with unusual settings)
+    return mean_token_loss(GPT2(config), params, ids)
 
 
 def default_cache_dir() -> Path:
@@ -166,4 +172,10 @@ def ensure_base(cache_dir: str | os.PathLike | None = None, *, progress: bool = 
         return model_dir
     if model_dir.exists():  # incomplete or from other settings: rebuild from scratch
         shutil.rmtree(model_dir)
-    return build_base(model_dir, progress=progress, **dataclasses.asdict(settings))
+    try:
+        return build_base(model_dir, progress=progress, **dataclasses.asdict(settings))
+    except (OSError, ValueError):
+        # Another process may have finished the same build first and renamed it into place.
+        if is_complete(model_dir, settings):
+            return model_dir
+        raise

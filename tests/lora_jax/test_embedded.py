@@ -48,6 +48,8 @@ def test_tiny_build_records_its_corpus_settings_and_a_loss_below_uniform(tiny_ba
     assert meta["base_corpus"]["sha256"] == text_sha256(base_corpus())
     assert meta["target_corpus"]["sha256"] == text_sha256("".join(target_corpus()))
     assert meta["final_train_loss"] < math.log(300)  # a uniform guess over 300 tokens scores log 300
+    for key in ("base_heldout_loss", "target_train_loss", "target_heldout_loss"):
+        assert 0.0 < meta[key] < 2 * math.log(300)
     assert json.loads((tiny_base / "config.json").read_text())["eos_token_id"] == 0
 
 
