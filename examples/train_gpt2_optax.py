@@ -16,6 +16,7 @@ Exit codes: 0 done, 2 bad settings or a checkpoint from another run, 3 non-finit
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -32,18 +33,12 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from lora_jax import (GPT2, LoraConfig, init_lora, load_gpt2, lora_apply, make_train_step, merge, save_adapter,
+                      trainable_summary)
 from lora_jax.chunked_loss import chunked_cross_entropy
-from lora_jax.config import LoraConfig
-from lora_jax.counting import trainable_summary
 from lora_jax.embedded import ensure_base, load_tokenizer, target_corpus
-from lora_jax.forward import lora_apply
 from lora_jax.generation import generate
-from lora_jax.gpt2_loading import load_gpt2, resolve_model_dir
-from lora_jax.initialize import init_lora
-from lora_jax.merge import merge
-from lora_jax.peft_format import save_adapter
-from lora_jax.train_step import make_train_step
-from lora_jax.gpt2_model import GPT2
+from lora_jax.gpt2_loading import resolve_model_dir
 from lora_jax.text_data import WindowSampler, heldout_windows, split_heldout
 from lora_jax.train_checkpoint import (TrainState, latest_checkpoint,
                                        restore_checkpoint, save_checkpoint)
@@ -116,20 +111,22 @@ def load_texts(args: argparse.Namespace, tokenizer: Any) -> tuple[np.ndarray, np
     return split_heldout(encode(args.data.read_text(encoding="utf-8")), 0.1)
 
 
-def make_optimizer(args: argparse.Namespace) -> optax.GradientTransformation:
-    """Clip, then AdamW on a warmup + cosine schedule; accumulated over ``--grad-accum`` micro-batches."""
+OPTIMIZER_FLAGS = ("lr", "steps", "warmup", "weight_decay", "clip_norm", "grad_accum")
+
+
+def make_optimizer(*, lr: float, steps: int, warmup: int, weight_decay: float, clip_norm: float,
+                   grad_accum: int) -> optax.GradientTransformation:
+    """Clip, then AdamW on a warmup + cosine schedule; accumulated over ``grad_accum`` micro-batches."""
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup, decay_steps=args.steps,
-        end_value=0.1 * args.lr)
-    tx = optax.chain(optax.clip_by_global_norm(args.clip_norm),
-                     optax.adamw(schedule, weight_decay=args.weight_decay))
+        init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=steps, end_value=0.1 * lr)
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
     # MultiSteps averages G micro-batch gradients, then applies tx once: the same update as one
     # batch G times larger, up to float rounding, since every micro-batch has the same token count.
-    return optax.MultiSteps(tx, every_k_schedule=args.grad_accum).gradient_transformation()
+    return optax.MultiSteps(tx, every_k_schedule=grad_accum).gradient_transformation()
 
 
-def make_losses(model: GPT2, lora_config: LoraConfig):
-    """``loss_fn(lora, frozen, (inputs, targets), rng)`` for training and a jitted masked eval loss."""
+def make_loss(model: GPT2, lora_config: LoraConfig):
+    """``loss_fn(lora, frozen, (inputs, targets), rng, weights=None)``: next-token CE through the tied head."""
     forward = lora_apply(model.apply, lora_config)
 
     def loss_fn(lora, frozen, batch, rng, weights=None):
@@ -138,9 +135,18 @@ def make_losses(model: GPT2, lora_config: LoraConfig):
         embedding = frozen["transformer"]["wte"]["embedding"]  # tied head, frozen: no grad needed
         return chunked_cross_entropy(hidden, embedding, targets, weights)
 
+    return loss_fn
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_programs(model: GPT2, lora_config: LoraConfig, optimizer: tuple[tuple[str, Any], ...]):
+    """``(tx, step_fn, eval_fn)``, cached so repeated ``main()`` calls in one process (a notebook, a
+    sweep, the tests) reuse the compiled programs instead of recompiling identical ones."""
+    tx = make_optimizer(**dict(optimizer))
+    loss_fn = make_loss(model, lora_config)
     eval_fn = jax.jit(lambda lora, frozen, inputs, targets, weights:
                       loss_fn(lora, frozen, (inputs, targets), None, weights))
-    return loss_fn, eval_fn
+    return tx, make_train_step(loss_fn, tx), eval_fn
 
 
 def heldout_loss(eval_fn, lora, frozen, windows: tuple[np.ndarray, np.ndarray], batch_size: int) -> float:
@@ -250,7 +256,7 @@ def _describe(name: str, loss: float) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole job; returns the results written to ``results.json``."""
     started = time.perf_counter()
-    model_dir = ensure_base() if args.model is None else resolve_model_dir(args.model)
+    model_dir = ensure_base(progress=not args.no_progress) if args.model is None else resolve_model_dir(args.model)
     config, frozen = load_gpt2(model_dir)
     if args.seq_len > config.n_positions:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's {config.n_positions} positions; lower it.")
@@ -264,8 +270,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              target_modules=[t.strip() for t in args.targets.split(",") if t.strip()])
     key = jax.random.key(args.seed)
     lora = init_lora(frozen, lora_config, jax.random.fold_in(key, 0))
-    tx = make_optimizer(args)
-    loss_fn, eval_fn = make_losses(model, lora_config)
+    optimizer = tuple((k, getattr(args, k)) for k in OPTIMIZER_FLAGS)
+    tx, step_fn, eval_fn = compiled_programs(model, lora_config, optimizer)
     evaluate = lambda lora: heldout_loss(eval_fn, lora, frozen, windows, args.batch_size)  # noqa: E731
 
     ckpt_root, settings = args.out / "checkpoints", run_config(args, str(model_dir), train_ids)
@@ -274,7 +280,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_loss = state.evals[0][1]
     print(_describe("base model", base_loss))
     frozen, state, place_batch = place_on_mesh(args.mesh, frozen, state)
-    step_fn = make_train_step(loss_fn, tx)
     save = lambda s: save_checkpoint(ckpt_root, s, settings)  # noqa: E731
     state = train_loop(args, step_fn, state, frozen, sampler, evaluate, save, place_batch)
     if state.step < args.steps:
