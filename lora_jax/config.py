@@ -44,9 +44,11 @@ class LoraConfig:
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of
             ``alpha / rank``.
         layers_to_transform: ``None`` for every layer, or layer indices (ints >= 0; a single
-            int is accepted). A module's layer index is the number that follows a path
-            component named ``h``, ``layers``, ``layer``, ``blocks`` or ``block``. Only
-            valid with a list of target modules, as in PEFT.
+            int is accepted). A module's layer index is found as PEFT finds it (see
+            ``lora_jax.targets.layer_index``); modules without one are left out. Only valid
+            with a list of target modules, as in PEFT.
+        layers_pattern: Optional name(s) of the layer list (``"h"`` for GPT-2) after which the
+            layer index is read; needs ``layers_to_transform``. Stored as a tuple for a list.
 
     Raises:
         TypeError: A field has the wrong type.
@@ -59,6 +61,7 @@ class LoraConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | str | None = None
 
     def __post_init__(self) -> None:
         _check_rank(self.rank)
@@ -76,6 +79,7 @@ class LoraConfig:
                 r"instead, e.g. r'.*\.h\.(0|1)\.attn\.c_attn'."
             )
         object.__setattr__(self, "layers_to_transform", layers)
+        object.__setattr__(self, "layers_pattern", _normalise_pattern(self.layers_pattern, layers))
 
     @property
     def scaling(self) -> float:
@@ -142,3 +146,15 @@ def _normalise_layers(layers: object) -> tuple[int, ...] | None:
     if not layers:
         raise ValueError("LoraConfig.layers_to_transform is empty; use None to transform every layer.")
     return tuple(layers)
+
+
+def _normalise_pattern(pattern: object, layers: tuple[int, ...] | None) -> tuple[str, ...] | str | None:
+    if pattern is None or pattern == "" or (isinstance(pattern, Sequence) and not isinstance(pattern, str) and not pattern):
+        return None  # PEFT treats None, "" and [] alike: any layer name
+    if layers is None:
+        raise ValueError("LoraConfig.layers_pattern only takes effect with layers_to_transform; set both or neither.")
+    if isinstance(pattern, str):
+        return pattern
+    if not isinstance(pattern, Sequence) or not all(isinstance(p, str) and p for p in pattern):
+        raise TypeError(f"LoraConfig.layers_pattern must be a name or a list of names, got {pattern!r}.")
+    return tuple(pattern)

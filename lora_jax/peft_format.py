@@ -56,7 +56,6 @@ _NEUTRAL_FIELDS = {
     "alpha_pattern": ({}, None),
     "modules_to_save": (None, []),
     "bias": ("none", None),
-    "layers_pattern": (None, [], ""),
     "exclude_modules": (None, [], ""),
     "target_parameters": (None, []),
     "lora_bias": (False, None),
@@ -106,7 +105,7 @@ def adapter_config_dict(
         "use_rslora": config.use_rslora,
         "use_dora": False,
         "layers_to_transform": None if config.layers_to_transform is None else list(config.layers_to_transform),
-        "layers_pattern": None,
+        "layers_pattern": list(config.layers_pattern) if isinstance(config.layers_pattern, tuple) else config.layers_pattern,
         "rank_pattern": {},
         "alpha_pattern": {},
         "modules_to_save": None,
@@ -199,6 +198,7 @@ def config_from_adapter_dict(meta: Mapping[str, Any]) -> LoraConfig:
         dropout=meta.get("lora_dropout", 0.0),
         use_rslora=meta.get("use_rslora", False),
         layers_to_transform=meta.get("layers_to_transform"),
+        layers_pattern=meta.get("layers_pattern"),
     )
 
 

@@ -24,8 +24,6 @@ from lora_jax.config import LoraConfig
 
 ModulePath = tuple[str, ...]
 
-# Path components that introduce a layer index, after PEFT's common layer names.
-LAYER_CONTAINER_NAMES = ("h", "layers", "layer", "blocks", "block")
 SUPPORTED_MODULES = "modules holding a 2-D 'kernel' (in, out) leaf, i.e. flax.linen.Dense"
 
 
@@ -66,16 +64,28 @@ def name_matches(name: str, target_modules: tuple[str, ...] | str) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in target_modules)
 
 
-def layer_index(path: ModulePath) -> int | None:
-    """The first number that follows a layer-container component (``h``, ``layers``...), or None.
+def layer_index(path: ModulePath, layers_pattern: tuple[str, ...] | str | None = None) -> int | None:
+    """The module's layer number as PEFT finds it, or None.
+
+    Without ``layers_pattern``: the first number in the dotted name that has at least two
+    names before it and one after (``transformer.h.11.attn`` -> 11). With it: the first number
+    right after one of those names (``model.layers.3.experts.0.w1`` with ``"layers"`` -> 3).
 
     >>> layer_index(("transformer", "h", "11", "attn", "c_attn")), layer_index(("head",))
     (11, None)
+    >>> layer_index(("model", "blocks", "2", "mixer", "experts", "0", "w1"), "blocks")
+    2
     """
-    for previous, component in zip(path, path[1:]):
-        if previous in LAYER_CONTAINER_NAMES and component.isdigit():
-            return int(component)
-    return None
+    name = dotted_name(path)
+    if not layers_pattern:
+        # Lazy .*? takes the first numbered segment, so a nested index (experts.0) is not mistaken for it.
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = (layers_pattern,) if isinstance(layers_pattern, str) else layers_pattern
+        match = next(
+            (m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)) is not None), None
+        )
+    return None if match is None else int(match.group("idx"))
 
 
 def _check_params_root(params: Any) -> None:
@@ -92,7 +102,7 @@ def _selected(path: ModulePath, config: LoraConfig) -> bool:
     if not name_matches(dotted_name(path), config.target_modules):
         return False
     # PEFT drops a name-matched module whose layer index is missing or not listed.
-    return config.layers_to_transform is None or layer_index(path) in config.layers_to_transform
+    return config.layers_to_transform is None or layer_index(path, config.layers_pattern) in config.layers_to_transform
 
 
 def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[ModulePath, ...]:

@@ -17,6 +17,11 @@ def test_lists_become_tuples_and_config_is_hashable():
     assert hash(config) == hash(LoraConfig(rank=4, alpha=8, target_modules=("c_attn", "c_proj"), layers_to_transform=(0, 3)))
 
 
+def test_layers_pattern_normalised():
+    assert LoraConfig(target_modules=["q"], layers_to_transform=[0], layers_pattern=["h", "layers"]).layers_pattern == ("h", "layers")
+    assert LoraConfig(target_modules=["q"], layers_pattern="").layers_pattern is None  # PEFT: empty means any
+
+
 def test_single_int_layer_and_regex_string_are_kept():
     assert LoraConfig(target_modules=["q"], layers_to_transform=2).layers_to_transform == (2,)
     assert LoraConfig(target_modules=r".*\.q").target_modules == r".*\.q"
@@ -60,6 +65,8 @@ def test_target_modules_is_required():
         ({"layers_to_transform": []}, ValueError, "use None"),
         ({"layers_to_transform": "0"}, TypeError, "None, an int or a list"),
         ({"target_modules": ".*q", "layers_to_transform": [0]}, ValueError, "PEFT ignores layers_to_transform"),
+        ({"layers_pattern": "h"}, ValueError, "only takes effect with layers_to_transform"),
+        ({"layers_to_transform": [0], "layers_pattern": ["h", 3]}, TypeError, "layers_pattern must be a name"),
     ],
 )
 def test_bad_values_raise_clear_errors(kwargs, error, message):

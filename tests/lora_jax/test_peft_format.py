@@ -95,9 +95,10 @@ def test_adapter_made_by_peft_loads_here(gpt2, tiny_gpt2_dir, tmp_path, rank, rs
     np.testing.assert_allclose(jax_logits(model, params, lora, config), torch_logits(peft_model), atol=ATOL, rtol=0)
 
 
-def test_peft_layers_to_transform_selects_the_same_modules(gpt2, tiny_gpt2_dir, tmp_path):
+@pytest.mark.parametrize("pattern", [{}, {"layers_pattern": "h"}])
+def test_peft_layers_to_transform_selects_the_same_modules(gpt2, tiny_gpt2_dir, tmp_path, pattern):
     _, params = gpt2
-    peft_adapter(tmp_path, tiny_gpt2_dir, 2, False, layers_to_transform=[1])
+    peft_adapter(tmp_path, tiny_gpt2_dir, 2, False, layers_to_transform=[1], **pattern)
     lora, config = load_adapter(tmp_path, params)
     assert config.layers_to_transform == (1,)
     assert list(lora["transformer"]["h"]) == ["1"]

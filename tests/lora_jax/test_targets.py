@@ -47,17 +47,24 @@ def test_layers_to_transform_selects_layer_indices(gpt2_shapes):
     assert names(gpt2_shapes, target_modules=["c_attn", "c_fc"], layers_to_transform=[1]) == ["transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"]
 
 
-def test_layer_index_follows_container_names():
+def test_layer_index_is_peft_s():
     assert layer_index(("encoder", "layers", "3", "query")) == 3
     assert layer_index(("model", "layer", "12", "q")) == 12
-    assert layer_index(("transformer", "h", "0", "mlp", "experts", "5")) == 0  # the first index, not a nested one
-    assert layer_index(("encoder", "0", "query")) is None  # a number after a non-container name
+    assert layer_index(("transformer", "h", "0", "mlp", "experts", "5", "w")) == 0  # the first index, not a nested one
+    # PEFT's default needs two names before the number and one after it.
+    assert layer_index(("layers", "0", "query")) is None
+    assert layer_index(("encoder", "blocks", "4")) is None
+    assert layer_index(("layers", "0", "query"), "layers") == 0  # with a pattern the number may start the name
+    assert layer_index(("enc", "blocks", "1", "experts", "2", "w"), ("experts",)) == 2
 
 
 def test_modules_without_layer_index_are_dropped_when_layers_are_selected():
-    params = {"head": {"kernel": np.zeros((4, 4))}, "layers": {"0": {"head": {"kernel": np.zeros((4, 4))}}}}
-    assert names(params, target_modules=["head"]) == ["head", "layers.0.head"]
-    assert names(params, target_modules=["head"], layers_to_transform=0) == ["layers.0.head"]
+    params = {"head": {"kernel": np.zeros((4, 4))}, "model": {"layers": {"0": {"head": {"kernel": np.zeros((4, 4))}}}}}
+    assert names(params, target_modules=["head"]) == ["head", "model.layers.0.head"]
+    assert names(params, target_modules=["head"], layers_to_transform=0) == ["model.layers.0.head"]
+    assert names(params, target_modules=["head"], layers_to_transform=0, layers_pattern="layers") == ["model.layers.0.head"]
+    with pytest.raises(ValueError, match="matched no module"):
+        names(params, target_modules=["head"], layers_to_transform=0, layers_pattern="h")
 
 
 def test_unknown_target_lists_candidates(gpt2_shapes):
