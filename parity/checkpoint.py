@@ -75,15 +75,14 @@ def resolve_checkpoint(model: str | os.PathLike | None) -> Path:
 
 
 def _download(hub_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
+    from lora_jax.gpt2_loading import resolve_model_dir  # the one hub path of the project
 
-        return Path(snapshot_download(hub_id, allow_patterns=["config.json", "*.safetensors", "*.json"]))
-    except Exception as error:  # any hub failure becomes one actionable message
+    try:
+        return Path(resolve_model_dir(hub_id))
+    except OSError as error:  # offline, unknown id, no huggingface_hub: one actionable message
         raise FileNotFoundError(
-            f"{hub_id!r} is not a local directory and fetching it as a hub id failed "
-            f"({type(error).__name__}: {error}). Pass a local checkpoint directory, or run where the "
-            "Hugging Face hub is reachable.") from error
+            f"{hub_id!r} is not a local directory and fetching it as a hub id failed ({error}). Pass a local "
+            "checkpoint directory, or run where the Hugging Face hub is reachable.") from error
 
 
 def module_shapes(gpt2_config: dict) -> dict[str, tuple[int, int]]:

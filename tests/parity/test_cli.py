@@ -57,11 +57,11 @@ def test_cli_exits_1_when_a_check_fails_on_an_untrained_adapter(tiny_gpt2_dir, t
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/model_dir"], "Model directory '/no/such/model_dir' does not exist"),
     (["--device", "gpu"], "--device gpu needs a GPU visible to both frameworks"),
-    (["--rank", "0"], "rank"),
+    (["--rank", "0"], "LoraConfig.rank must be > 0, got 0"),
     (["--steps", "0"], "steps must be an int >= 1"),
     (["--checks", "base_forward,merged"], "Unknown or no checks ['merged']"),
     (["--adapter", "/x", "--rank", "8"], "drop --rank"),
-    (["--targets", "re:(unclosed"], "target_modules"),
+    (["--targets", "re:(unclosed"], "is read as a regex, and it does not compile"),
 ])
 def test_cli_bad_input_exits_2_with_a_clear_message(args, message, capsys):
     if args[:2] == ["--device", "gpu"] and torch.cuda.is_available():

@@ -35,13 +35,13 @@ def test_training_loss_falls_on_cycled_batches(tiny_report):
     assert losses.shape == (10,) and losses[-1] < losses[0]
 
 
-def test_alt_shape_gradients_and_training_with_rslora_and_layers(alt_pair):
+def test_alt_shape_gradients_with_rslora_and_layers(alt_pair):
     # Width 48, 3 heads (head size 16), vocab 97: non-square c_attn/c_fc, non-power-of-two sizes.
     settings = SuiteSettings(targets=("c_attn", "c_fc"), rank=8, alpha=4.0, use_rslora=True,
-                             layers_to_transform=(0, 2), steps=10, checks=("gradients", "training"))
+                             layers_to_transform=(0, 2), checks=("gradients",))
     report = run_suite(alt_pair, settings)
     assert [(row.name, row.detail) for row in report.failures] == []
-    assert len(report.rows) == 5
+    assert [row.name for row in report.rows][1:] == ["loss torch vs JAX", "dL/dA, dL/dB torch vs JAX (worst tensor)"]
 
 
 def test_run_check_rejects_unknown_check(tiny_pair):
