@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,13 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--warmup", type=int, default=30, help="linear warmup steps before the cosine decay")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps before the cosine decay")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--out", type=Path, default=Path("runs/train_gpt2_optax"))
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -253,61 +253,91 @@ def _describe(name: str, loss: float) -> str:
     return f"{name}: held-out loss {loss:.4f}, perplexity {math.exp(loss):.2f}"
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole job; returns the results written to ``results.json``."""
-    started = time.perf_counter()
+class Job(NamedTuple):
+    """What the run trains on: the base model, its tokenizer, the texts and the LoRA config."""
+
+    model_dir: Path
+    model: GPT2
+    frozen: Any
+    tokenizer: Any
+    train_ids: np.ndarray
+    heldout_ids: np.ndarray
+    eval_windows: tuple[np.ndarray, np.ndarray]
+    lora_config: LoraConfig
+
+
+def prepare(args: argparse.Namespace) -> Job:
+    """Loads the base and tokenizer, tokenises the texts, builds the LoRA config; validates sizes first."""
     model_dir = ensure_base(progress=not args.no_progress) if args.model is None else resolve_model_dir(args.model)
     config, frozen = load_gpt2(model_dir)
     if args.seq_len > config.n_positions:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's {config.n_positions} positions; lower it.")
     tokenizer = load_tokenizer(model_dir)
     train_ids, heldout_ids = load_texts(args, tokenizer)
-    sampler = WindowSampler(train_ids, args.seq_len, args.seed)
     windows = tuple(a[:MAX_EVAL_WINDOWS] for a in heldout_windows(heldout_ids, args.seq_len))
-
-    model = GPT2(config, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
     lora_config = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                              target_modules=[t.strip() for t in args.targets.split(",") if t.strip()])
-    key = jax.random.key(args.seed)
-    lora = init_lora(frozen, lora_config, jax.random.fold_in(key, 0))
-    optimizer = tuple((k, getattr(args, k)) for k in OPTIMIZER_FLAGS)
-    tx, step_fn, eval_fn = compiled_programs(model, lora_config, optimizer)
-    evaluate = lambda lora: heldout_loss(eval_fn, lora, frozen, windows, args.batch_size)  # noqa: E731
+    model = GPT2(config, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
+    return Job(Path(model_dir), model, frozen, tokenizer, train_ids, heldout_ids, windows, lora_config)
 
-    ckpt_root, settings = args.out / "checkpoints", run_config(args, str(model_dir), train_ids)
+
+def train(args: argparse.Namespace, job: Job) -> tuple[TrainState, Any]:
+    """Fresh or resumed training up to ``--steps`` (or ``--stop-after``); returns the state and the placed base."""
+    sampler = WindowSampler(job.train_ids, args.seq_len, args.seed)
+    key = jax.random.key(args.seed)
+    lora = init_lora(job.frozen, job.lora_config, jax.random.fold_in(key, 0))
+    optimizer = tuple((k, getattr(args, k)) for k in OPTIMIZER_FLAGS)
+    tx, step_fn, eval_fn = compiled_programs(job.model, job.lora_config, optimizer)
+    settings = run_config(args, str(job.model_dir), job.train_ids)
+    ckpt_root = args.out / "checkpoints"
     fresh = TrainState(0, lora, tx.init(lora), key, 0, (), ())
-    state = _start_state(args, ckpt_root, fresh, settings, evaluate)
-    base_loss = state.evals[0][1]
-    print(_describe("base model", base_loss))
-    frozen, state, place_batch = place_on_mesh(args.mesh, frozen, state)
+    state = _start_state(args, ckpt_root, fresh, settings,
+                         lambda lo: heldout_loss(eval_fn, lo, job.frozen, job.eval_windows, args.batch_size))
+    print(_describe("base model", state.evals[0][1]))
+    frozen, state, place_batch = place_on_mesh(args.mesh, job.frozen, state)
+    evaluate = lambda lo: heldout_loss(eval_fn, lo, frozen, job.eval_windows, args.batch_size)  # noqa: E731
     save = lambda s: save_checkpoint(ckpt_root, s, settings)  # noqa: E731
-    state = train_loop(args, step_fn, state, frozen, sampler, evaluate, save, place_batch)
+    return train_loop(args, step_fn, state, frozen, sampler, evaluate, save, place_batch), frozen
+
+
+def finish(args: argparse.Namespace, job: Job, state: TrainState, frozen: Any) -> dict[str, Any]:
+    """Saves the adapter, samples before/after (after = merged weights), plots; returns the results."""
+    base_loss, final_loss = state.evals[0][1], state.evals[-1][1]
+    print(_describe("base model", base_loss))
+    print(_describe("with LoRA ", final_loss))
+    save_adapter(args.out / "adapter", state.lora, job.lora_config, base_model_name_or_path=str(job.model_dir))
+    merged = merge(frozen, state.lora, job.lora_config)
+    prompt, key = job.heldout_ids[:SAMPLE_PROMPT_TOKENS], jax.random.fold_in(state.rng_key, 2)
+    samples = {"before": sample_text(job.model, frozen, job.tokenizer, prompt, key),
+               "after": sample_text(job.model, merged, job.tokenizer, prompt, key)}
+    for when, text in samples.items():
+        print(f"--- sample {when} ---\n{text}")
+    plot_losses(args.out / "loss.png", state.losses, state.evals, title=f"LoRA r={args.rank} on {job.model_dir.name}")
+    settings = run_config(args, str(job.model_dir), job.train_ids)
+    return {
+        "model": str(job.model_dir) if args.model else f"embedded base ({job.model_dir.name})",
+        "data": str(args.data or "embedded target text"),
+        "settings": {k: v for k, v in settings.items() if k != "model"},
+        "params": trainable_summary(frozen, state.lora),
+        "train_tokens": int(len(job.train_ids)), "heldout_tokens_evaluated": int(job.eval_windows[0].size),
+        "base_heldout_loss": base_loss, "base_heldout_perplexity": math.exp(base_loss),
+        "final_heldout_loss": final_loss, "final_heldout_perplexity": math.exp(final_loss),
+        "final_train_loss": state.losses[-1], "evals": [list(e) for e in state.evals], "samples": samples,
+        "device": str(jax.devices()[0].device_kind), "devices": jax.device_count(),
+        "jax": jax.__version__, "optax": optax.__version__,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole job; returns the results written to ``results.json``."""
+    started = time.perf_counter()
+    job = prepare(args)
+    state, frozen = train(args, job)
     if state.step < args.steps:
         print(f"stopped after step {state.step} (--stop-after); resume with --resume")
         return {"stopped_at": state.step}
-
-    final_loss = state.evals[-1][1]
-    print(_describe("base model", base_loss))
-    print(_describe("with LoRA ", final_loss))
-    save_adapter(args.out / "adapter", state.lora, lora_config, base_model_name_or_path=str(model_dir))
-    merged = merge(frozen, state.lora, lora_config)
-    prompt, sample_key = heldout_ids[:SAMPLE_PROMPT_TOKENS], jax.random.fold_in(key, 2)
-    samples = {"before": sample_text(model, frozen, tokenizer, prompt, sample_key),
-               "after": sample_text(model, merged, tokenizer, prompt, sample_key)}
-    for when, text in samples.items():
-        print(f"--- sample {when} ---\n{text}")
-    plot_losses(args.out / "loss.png", state.losses, state.evals, title=f"LoRA r={args.rank} on {model_dir}")
-    results = {
-        "model": str(model_dir), "data": str(args.data or "embedded target text"),
-        "settings": {k: v for k, v in settings.items() if k != "model"},
-        "params": trainable_summary(frozen, state.lora),
-        "train_tokens": int(len(train_ids)), "heldout_tokens_evaluated": int(windows[0].size),
-        "base_heldout_loss": base_loss, "base_heldout_perplexity": math.exp(base_loss),
-        "final_heldout_loss": final_loss, "final_heldout_perplexity": math.exp(final_loss),
-        "final_train_loss": state.losses[-1], "evals": [list(e) for e in state.evals],
-        "samples": samples, "wall_time_s": round(time.perf_counter() - started, 1),
-        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "optax": optax.__version__,
-    }
+    results = finish(args, job, state, frozen)
+    results["wall_time_s"] = round(time.perf_counter() - started, 1)
     write_json(args.out / "results.json", results)
     return results
 
