@@ -13,7 +13,7 @@ Example:
     >>> import jax, jax.numpy as jnp
     >>> config = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
     >>> params = init_gpt2_params(config, jax.random.key(0))
-    >>> GPT2(config).apply({"params": params}, jnp.zeros((2, 5), jnp.int32)).shape
+    >>> jax.jit(GPT2(config).apply)({"params": params}, jnp.zeros((2, 5), jnp.int32)).shape
     (2, 5, 11)
 """
 

@@ -29,7 +29,7 @@ def _hf_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
 def _flax_logits(model_dir: Path, ids: np.ndarray, dtype=jnp.float32) -> np.ndarray:
     config, params = load_gpt2(model_dir)
     with jax.default_matmul_precision("highest"):
-        return np.asarray(GPT2(config, dtype=dtype).apply({"params": params}, jnp.asarray(ids)))
+        return np.asarray(jax.jit(GPT2(config, dtype=dtype).apply)({"params": params}, jnp.asarray(ids)))
 
 
 def _ids(vocab_size: int, shape=(2, 13), seed=0) -> np.ndarray:
