@@ -130,3 +130,27 @@ def test_zero_new_tokens_returns_the_prompt(tiny):
     model, params = tiny
     out = generate(model, params, np.array([[4, 5, 6]]), max_new_tokens=0)
     assert out.tolist() == [[4, 5, 6]]
+
+
+def test_apply_fn_decodes_through_unmerged_lora_like_the_merged_model(tiny):
+    from lora_jax import LoraConfig, init_lora, lora_apply, merge
+
+    model, params = tiny
+    config = LoraConfig(rank=2, alpha=4.0, target_modules=["c_attn", "mlp.c_fc"])
+    lora = init_lora(params, config, jax.random.key(1))
+    # Non-zero B (a fresh adapter has B = 0 and would prove nothing); large enough to change tokens.
+    lora = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.random.normal(jax.random.key(7), x.shape) if "lora_B" in str(path[-1]) else x, lora
+    )
+    lora_forward = lora_apply(model.apply, config)
+
+    def apply_fn(both, ids, cache):
+        return lora_forward(both[0], both[1], ids, cache=cache)
+
+    prompts = _prompts(101)
+    with jax.default_matmul_precision("highest"):
+        unmerged = generate(model, (params, lora), prompts, max_new_tokens=NEW, apply_fn=apply_fn)
+        merged = generate(model, merge(params, lora, config), prompts, max_new_tokens=NEW)
+        base = generate(model, params, prompts, max_new_tokens=NEW)
+    np.testing.assert_array_equal(unmerged, merged)
+    assert (np.asarray(unmerged) != np.asarray(base)).any()
