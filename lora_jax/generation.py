@@ -97,6 +97,12 @@ def _validate(model, prompt_ids, max_new_tokens, temperature, top_k, key, eos_to
             f"prompt_ids must be a non-empty (batch, time) integer array, got shape {prompt_ids.shape} "
             f"and dtype {prompt_ids.dtype}; add a batch axis with ids[None]."
         )
+    # Embedding lookups clamp out-of-range ids silently, so check them here while they are concrete.
+    if int(prompt_ids.min()) < 0 or int(prompt_ids.max()) >= config.vocab_size:
+        raise ValueError(
+            f"prompt_ids must lie in [0, vocab_size={config.vocab_size}), got values in "
+            f"[{int(prompt_ids.min())}, {int(prompt_ids.max())}]; was it encoded with this model's tokenizer?"
+        )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
     total = prompt_ids.shape[1] + max_new_tokens

@@ -114,6 +114,7 @@ def test_top_k_logits_keeps_ties_and_masks_the_rest():
         (np.zeros((5,), np.int32), {}, "batch, time"),
         (np.zeros((1, 0), np.int32), {}, "non-empty"),
         (np.zeros((1, 60), np.int32), {}, "exceeds n_positions=64"),
+        (np.full((1, 3), 101, np.int32), {}, r"lie in \[0, vocab_size=101\)"),
         (np.zeros((1, 3), np.int32), {"temperature": 1.0}, "needs a PRNG key"),
         (np.zeros((1, 3), np.int32), {"temperature": -1.0}, "temperature must be >= 0"),
         (np.zeros((1, 3), np.int32), {"top_k": 0}, "top_k must be"),
