@@ -15,13 +15,13 @@ Example:
     ...     def __call__(self, x):
     ...         return nn.Dense(2, name="out")(nn.relu(nn.Dense(8, name="hidden")(x)))
     >>> model, x = MLP(), jnp.ones((1, 4))
-    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     >>> config = lora_jax.LoraConfig(rank=2, alpha=4.0, target_modules=["hidden", "out"])
     >>> lora = lora_jax.init_lora(params, config, jax.random.key(1))
     >>> lora_jax.count_params(lora)
     44
-    >>> forward = lora_jax.lora_apply(model.apply, config)
-    >>> bool(jnp.array_equal(forward(params, lora, x), model.apply({"params": params}, x)))  # B = 0
+    >>> forward = jax.jit(lora_jax.lora_apply(model.apply, config))
+    >>> bool(jnp.array_equal(forward(params, lora, x), jax.jit(model.apply)({"params": params}, x)))  # B = 0
     True
 """
 

@@ -93,7 +93,7 @@ def gpt2_lm_loss(model: Any, config: LoraConfig) -> LossFn:
         >>> lora_config = LoraConfig(rank=2, target_modules=["c_attn"])
         >>> lora = init_lora(params, lora_config, jax.random.key(1))
         >>> loss_fn = gpt2_lm_loss(GPT2(gpt), lora_config)
-        >>> loss = loss_fn(lora, params, {"input_ids": jnp.zeros((2, 5), jnp.int32)}, None)
+        >>> loss = jax.eval_shape(loss_fn, lora, params, {"input_ids": jnp.zeros((2, 5), jnp.int32)}, None)
         >>> loss.shape, str(loss.dtype)
         ((), 'float32')
     """

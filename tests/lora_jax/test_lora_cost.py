@@ -16,7 +16,7 @@ SPEC.loader.exec_module(lora_cost)
 @pytest.fixture(scope="module")
 def tiny_cost():
     # Width 128 with 16 tokens keeps attention-score FLOPs (per token ~ T/D) small, as in GPT-2 small.
-    gpt = GPT2Config(vocab_size=256, n_positions=16, n_embd=128, n_layer=2, n_head=2)
+    gpt = GPT2Config(vocab_size=256, n_positions=16, n_embd=128, n_layer=1, n_head=2)
     config = LoraConfig(rank=4, target_modules=["c_attn", "c_proj", "c_fc"])
     return lora_cost.measure(gpt, config, batch=2, seq=16, combined=True)
 
