@@ -40,12 +40,12 @@ from lora_jax.embedded import ensure_base, load_tokenizer, target_corpus
 from lora_jax.generation import generate
 from lora_jax.gpt2_loading import resolve_model_dir
 from lora_jax.text_data import WindowSampler, heldout_windows, split_heldout
-from lora_jax.train_checkpoint import (TrainState, latest_checkpoint,
-                                       restore_checkpoint, save_checkpoint)
+from lora_jax.train_checkpoint import TrainState, latest_checkpoint, restore_checkpoint, save_checkpoint
 
 EXIT_BAD_SETTINGS, EXIT_NON_FINITE = 2, 3
 MAX_EVAL_WINDOWS = 128  # bounds eval time on big --data files; the default held-out text is smaller
 SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS = 12, 48
+OPTIMIZER_FLAGS = ("lr", "steps", "warmup", "weight_decay", "clip_norm", "grad_accum")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,9 +109,6 @@ def load_texts(args: argparse.Namespace, tokenizer: Any) -> tuple[np.ndarray, np
         train_text, heldout_text = target_corpus()
         return encode(train_text), encode(heldout_text)
     return split_heldout(encode(args.data.read_text(encoding="utf-8")), 0.1)
-
-
-OPTIMIZER_FLAGS = ("lr", "steps", "warmup", "weight_decay", "clip_norm", "grad_accum")
 
 
 def make_optimizer(*, lr: float, steps: int, warmup: int, weight_decay: float, clip_norm: float,
