@@ -29,8 +29,8 @@ from lora_jax.targets import resolve_targets
 
 
 def count_params(tree: Any) -> int:
-    """The number of scalars in a pytree of arrays or ``ShapeDtypeStruct``."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+    """The number of scalars in a pytree of arrays or ``ShapeDtypeStruct`` (a Python number counts 1)."""
+    return sum(math.prod(getattr(leaf, "shape", ())) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def lora_param_count(params: Mapping[str, Any], config: LoraConfig) -> int:

@@ -13,13 +13,16 @@ module folds its own dotted name into the key, so masks differ across modules.
 Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax.config import LoraConfig
-    >>> model = nn.Dense(3, name="out")
-    >>> params = model.init(jax.random.key(0), jnp.ones((1, 2)))["params"]
-    >>> lora = {"lora_A": jnp.ones((2, 1)), "lora_B": jnp.ones((1, 3))}
-    >>> forward = lora_apply(model.apply, LoraConfig(rank=1, alpha=1.0, target_modules=r".*"))
-    >>> x = jnp.ones((1, 2))
-    >>> (forward(params, lora, x) - model.apply({"params": params}, x)).tolist()
-    [[2.0, 2.0, 2.0]]
+    >>> class Net(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return nn.Dense(3, name="out")(x)
+    >>> model, x = Net(), jnp.ones((1, 2))
+    >>> params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    >>> lora = {"out": {"lora_A": jnp.ones((2, 1)), "lora_B": jnp.ones((1, 3))}}
+    >>> forward = jax.jit(lora_apply(model.apply, LoraConfig(rank=1, alpha=0.5, target_modules=["out"])))
+    >>> (forward(params, lora, x) - jax.jit(model.apply)({"params": params}, x)).round(4).tolist()
+    [[1.0, 1.0, 1.0]]
 """
 
 from __future__ import annotations

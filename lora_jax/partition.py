@@ -53,7 +53,7 @@ def split(full: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return frozen, lora
 
 
-def combine(frozen: Mapping[str, Any], lora: Mapping[str, Any], _path: tuple[str, ...] = ()) -> dict[str, Any]:
+def combine(frozen: Mapping[str, Any], lora: Mapping[str, Any]) -> dict[str, Any]:
     """Puts the LoRA leaves back beside the frozen leaves of their modules.
 
     Args:
@@ -61,29 +61,32 @@ def combine(frozen: Mapping[str, Any], lora: Mapping[str, Any], _path: tuple[str
         lora: A LoRA tree whose every path exists in ``frozen``.
 
     Returns:
-        A new nested dict; neither input is modified.
+        A new nested dict (new dicts, the same leaf arrays); neither input is modified.
 
     Raises:
         ValueError: A LoRA path does not exist in ``frozen``, or a key would be overwritten.
     """
-    full: dict[str, Any] = dict(frozen)
+    return _combine(frozen, lora, ())
+
+
+def _combine(frozen: Mapping[str, Any], lora: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    full: dict[str, Any] = {}
+    for key, value in frozen.items():
+        # Rebuild every nested dict so that the result shares no dict with `frozen`.
+        full[key] = _combine(value, {}, (*path, key)) if isinstance(value, Mapping) else value
     for key, value in lora.items():
-        where = ".".join((*_path, key))
+        where = ".".join((*path, key))
         if key in LORA_KEYS:
             if key in frozen:
                 raise ValueError(f"{where!r} already exists in the frozen tree; was it combined twice?")
             full[key] = value
         elif isinstance(frozen.get(key), Mapping) and isinstance(value, Mapping):
-            full[key] = combine(frozen[key], value, (*_path, key))
+            full[key] = _combine(frozen[key], value, (*path, key))
         else:
             raise ValueError(
                 f"LoRA path {where!r} has no matching module in the frozen tree; the LoRA tree must "
                 "come from init_lora/load_adapter on these params."
             )
-    # Walking `frozen` for non-dict nodes keeps its nested dicts as copies, not shared objects.
-    for key, value in frozen.items():
-        if key not in lora and isinstance(value, Mapping):
-            full[key] = combine(value, {}, (*_path, key))
     return full
 
 
