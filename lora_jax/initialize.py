@@ -4,7 +4,8 @@ The bound is PEFT's: ``nn.init.kaiming_uniform_(a=sqrt(5))`` on a ``(r, in)`` we
 ``in`` and gives ``bound = 1/sqrt(in)``. A tutorial variant that applies kaiming to the
 ``(in, r)`` tensor uses fan-in ``r`` and gets an ``A`` about ``sqrt(in / r)`` times larger
 (about 10x for GPT-2 small at r=8). ``lora_torch`` uses the same bound as this module.
-With ``B = 0`` the adapted model starts out exactly equal to the base model.
+With ``B = 0`` the branch adds exact zeros, so the adapted model starts out computing the base
+model (to the last bit op by op; under ``jit`` XLA may fuse the two programs differently, ~1 ulp).
 
 Example:
     >>> import jax, numpy as np
@@ -55,8 +56,11 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
         ``{...path...: {"lora_A": (in, r) float32, "lora_B": (r, out) float32 zeros}}``.
 
     Raises:
+        TypeError: ``key`` is not a JAX key (e.g. a plain int seed).
         ValueError: As ``resolve_targets``; raised before any array is created.
     """
+    if not isinstance(key, jax.Array):
+        raise TypeError(f"key must be a JAX PRNG key such as jax.random.key(0), got {type(key).__name__}.")
     paths = resolve_targets(params, config)
     keys = jax.random.split(key, len(paths))
     entries = {}

@@ -29,11 +29,16 @@ def setup():
     return model, params, lora, random_ids(0)
 
 
-def test_zero_b_is_the_base_model_exactly(setup):
+def test_zero_b_is_the_base_model(setup):
     model, params, _, ids = setup
     fresh = init_lora(params, CONFIG, jax.random.key(1))
+    # Op by op the zero branch is added exactly: bit-identical.
+    with jax.disable_jit():
+        eager = lora_apply(model.apply, CONFIG)(params, fresh, ids[:1, :3])
+        assert bool(jnp.array_equal(eager, model.apply({"params": params}, ids[:1, :3])))
+    # Jitted, the two programs may fuse differently: within a few fp32 ulps of outputs of order 1.
     adapted = jax.jit(lora_apply(model.apply, CONFIG))(params, fresh, ids)
-    assert bool(jnp.array_equal(adapted, jax.jit(model.apply)({"params": params}, ids)))
+    np.testing.assert_allclose(adapted, jax.jit(model.apply)({"params": params}, ids), atol=1e-6, rtol=0)
 
 
 def test_equals_the_merged_model(setup):

@@ -50,3 +50,8 @@ def test_works_under_eval_shape():
 def test_bad_target_raises_before_any_array_is_made():
     with pytest.raises(ValueError, match="matched no module"):
         init_lora({"m": {"kernel": np.zeros((4, 4))}}, LoraConfig(rank=1, target_modules=["z"]), jax.random.key(0))
+
+
+def test_plain_int_seed_is_refused():
+    with pytest.raises(TypeError, match=r"jax.random.key\(0\)"):
+        init_lora({"m": {"kernel": np.zeros((4, 4))}}, LoraConfig(rank=1, target_modules=["m"]), 0)
