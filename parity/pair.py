@@ -109,12 +109,13 @@ class ModelPair:
 
         params = self.jax_params if params is None else params
         ids = jax.device_put(jnp.asarray(input_ids, dtype=jnp.int32), self.placement.jax_device)
-        module = self.jax_module()
         if lora is None:
-            logits = module.apply({"params": params}, ids)
+            key = ("logits", self.dtype)
+            forward = self.compiled(key, lambda: jax.jit(lambda p, _, x: self.jax_module().apply({"params": p}, x)))
         else:
-            logits = self.impl.jax_lora_apply(module.apply, config)(params, lora, ids)
-        return np.asarray(jax.device_get(logits), dtype=np.float32)
+            key = ("lora_logits", self.dtype, self.impl.jax_lora_apply, config)
+            forward = self.compiled(key, lambda: jax.jit(self.impl.jax_lora_apply(self.jax_module().apply, config)))
+        return np.asarray(jax.device_get(forward(params, lora, ids)), dtype=np.float32)
 
 
 def load_pair(model: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "fp32",

@@ -45,7 +45,9 @@ def check_gradients(adapted: AdaptedPair, input_ids: np.ndarray) -> StageResult:
     grads_t = torch_lora_grads(model)
     model.zero_grad(set_to_none=True)
     batch = {"input_ids": jax.device_put(jnp.asarray(input_ids, jnp.int32), pair.placement.jax_device)}
-    loss_j, grads = jax.value_and_grad(jax_loss_fn(adapted))(adapted.lora, pair.jax_params, batch, None)
+    key = ("loss_and_grad", pair.dtype, pair.impl.jax_lora_apply, adapted.config)
+    loss_and_grad = pair.compiled(key, lambda: jax.jit(jax.value_and_grad(jax_loss_fn(adapted))))
+    loss_j, grads = loss_and_grad(adapted.lora, pair.jax_params, batch, None)
     grads_j = flat_leaves(jax_lora_to_named(grads))
     rows = [
         nonzero_b_row("gradients", adapted.lora),
