@@ -285,7 +285,7 @@ def train(args: argparse.Namespace, job: Job) -> tuple[TrainState, Any]:
     lora = init_lora(job.frozen, job.lora_config, jax.random.fold_in(key, 0))
     optimizer = tuple((k, getattr(args, k)) for k in OPTIMIZER_FLAGS)
     tx, step_fn, eval_fn = compiled_programs(job.model, job.lora_config, optimizer)
-    settings = run_config(args, str(job.model_dir), job.train_ids)
+    settings = run_config(args, str(job.model_dir.resolve()), job.train_ids)
     ckpt_root = args.out / "checkpoints"
     fresh = TrainState(0, lora, tx.init(lora), key, 0, (), ())
     state = _start_state(args, ckpt_root, fresh, settings,
@@ -310,7 +310,7 @@ def finish(args: argparse.Namespace, job: Job, state: TrainState, frozen: Any) -
     for when, text in samples.items():
         print(f"--- sample {when} ---\n{text}")
     plot_losses(args.out / "loss.png", state.losses, state.evals, title=f"LoRA r={args.rank} on {job.model_dir.name}")
-    settings = run_config(args, str(job.model_dir), job.train_ids)
+    settings = run_config(args, str(job.model_dir.resolve()), job.train_ids)
     return {
         "model": str(job.model_dir) if args.model else f"embedded base ({job.model_dir.name})",
         "data": str(args.data or "embedded target text"),

@@ -120,17 +120,17 @@ def test_gradient_accumulation_equals_the_big_batch(example, base_dir, tmp_path)
         json.loads((accumulated / "results.json").read_text())["final_heldout_loss"], rel=1e-5)
 
 
-def test_cli_subprocess_on_a_text_file_with_a_two_device_mesh(base_dir, tmp_path):
+def test_cli_subprocess_bf16_on_a_text_file_and_a_two_device_mesh(base_dir, tmp_path):
     data = tmp_path / "notes.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 60, encoding="utf-8")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    argv = _argv(base_dir, tmp_path / "out", "--data", str(data), "--mesh", "data=2", "--steps", "3",
+    argv = _argv(base_dir, tmp_path / "out", "--data", str(data), "--mesh", "data=2", "--dtype", "bf16", "--steps", "3",
                  "--warmup", "0", "--eval-every", "3")
     proc = subprocess.run([sys.executable, str(SCRIPT), *argv], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["data"] == str(data)
+    assert results["data"] == str(data) and results["devices"] == 2 and results["settings"]["dtype"] == "bf16"
     # A repeated sentence is easy to learn: three steps at lr 1e-2 must already lower the held-out loss.
     assert results["final_heldout_loss"] < results["base_heldout_loss"]
 
