@@ -28,19 +28,19 @@ def nest(entries: Mapping[ModulePath, Any]) -> dict[str, Any]:
     """Builds a nested dict holding ``entries[path]`` at each path.
 
     Raises:
-        ValueError: One path is a prefix of another, so both cannot be stored.
+        ValueError: A path is empty, or one path is a prefix of another.
     """
-    tree: dict[str, Any] = {}
-    for path, value in entries.items():
+    for path in entries:
         if not path:
             raise ValueError("A module path must not be empty; the root of a params tree is not a module.")
+        # Entries are dicts themselves, so a module inside another would silently merge into it.
+        if any(path[:i] in entries for i in range(1, len(path))):
+            raise ValueError(f"Path {path} lies inside another module path; module paths must not nest.")
+    tree: dict[str, Any] = {}
+    for path, value in entries.items():
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"Path {path} runs through a leaf; module paths must not nest in each other.")
-        if path[-1] in node:
-            raise ValueError(f"Path {path} is given twice or contains another module path.")
         node[path[-1]] = value
     return tree
 
