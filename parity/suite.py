@@ -18,7 +18,7 @@ from parity.adapted import AdaptedPair, adapt
 from parity.checks.base_forward import check_base_forward
 from parity.checks.deltas import check_forward_delta
 from parity.checks.gradients import check_gradients
-from parity.checks.injection import check_injection, injection_specs, spec_label
+from parity.checks.injection import check_injection, injection_specs
 from parity.checks.interchange import check_interchange
 from parity.checks.merge import check_merge
 from parity.checks.training import check_training, default_settings
@@ -77,11 +77,21 @@ class SuiteSettings:
                           use_rslora=self.use_rslora, layers_to_transform=self.layers_to_transform)
 
     def describe(self) -> dict:
-        """The settings as a flat dict for reports."""
-        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "workdir"}
-        out["targets"] = self.targets if isinstance(self.targets, str) else ",".join(self.targets)
+        """The run settings as a flat dict for reports (the LoRA ones come from :func:`describe_lora`)."""
+        skipped = {"workdir", "targets", "rank", "alpha", "use_rslora", "layers_to_transform"}
+        out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name not in skipped}
         out["checks"] = ",".join(self.checks)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items() if v is not None}
+
+
+def describe_lora(config: Any) -> dict:
+    """The effective LoRA settings of a run (from the flags, or from ``--adapter``'s config)."""
+    targets = config.target_modules
+    out = {"targets": targets if isinstance(targets, str) else ",".join(targets), "rank": config.rank,
+           "alpha": config.alpha, "use_rslora": config.use_rslora, "scaling": round(config.scaling, 6)}
+    if config.layers_to_transform is not None:
+        out["layers_to_transform"] = ",".join(str(i) for i in config.layers_to_transform)
+    return out
 
 
 def _guarded(stage: str, run: Callable[[], StageResult]) -> StageResult:
@@ -113,11 +123,16 @@ class _Stages:
             self._adapted[use_rslora] = adapt(self.pair, config, lora=main.lora)
         return self._adapted[use_rslora]
 
+    def lora_config(self) -> Any:
+        """The effective LoRA config of stages 3-7."""
+        return self._config_and_lora()[0]
+
     def _config_and_lora(self) -> tuple[Any, Any]:
         if self.settings.adapter is None:
             return self.settings.lora_config(), None
         lora, config = self.pair.impl.jax_load_adapter(Path(self.settings.adapter), self.pair.jax_params)
-        return config, lora
+        # Dropout masks cannot match across frameworks; parity compares the deterministic function.
+        return dataclasses.replace(config, dropout=0.0), lora
 
     def run(self, name: str) -> StageResult:
         return getattr(self, f"_{name}")()
@@ -129,7 +144,7 @@ class _Stages:
         s = self.settings
         specs = injection_specs(self.pair.hf_config["n_layer"], rank=s.rank, alpha=s.alpha, use_rslora=s.use_rslora)
         main = self._config_and_lora()[0]
-        if spec_label(main) not in {spec_label(c) for c in specs}:
+        if main not in specs:  # --targets/--adapter settings beyond the five standard specs
             specs.append(main)
         rows = []
         for config in specs:
@@ -189,6 +204,10 @@ def run_suite(pair: ModelPair, settings: SuiteSettings | None = None, *, command
                 rows += result.rows
                 arrays.update(result.arrays)
     environment = describe_environment(pair.placement.name, pair.placement.description, pair.dtype)
-    described = {"model": str(pair.model_dir), **settings.describe()}
+    try:
+        lora_settings = describe_lora(stages.lora_config())
+    except Exception as error:  # the stages already reported it as failed rows
+        lora_settings = {"lora": f"unavailable ({type(error).__name__})"}
+    described = {"model": str(pair.model_dir), **lora_settings, **settings.describe()}
     return ParityReport(rows=tuple(rows), environment=environment, settings=described, command=command,
                         arrays=arrays)

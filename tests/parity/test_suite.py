@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from parity import CHECKS, SuiteSettings, run_check, run_suite
 
@@ -65,3 +66,21 @@ def test_bf16_mode_runs_on_cpu_within_bf16_tolerances(tiny_gpt2_dir):
     base = next(row for row in report.rows if row.stage == "base_forward")
     # bf16 really ran: far from fp32 agreement, inside the bf16 bound.
     assert 1e-4 < base.max_rel <= base.tolerance.rtol
+
+
+def test_suite_checks_a_given_peft_adapter_with_its_own_config(tiny_pair, tmp_path):
+    from lora_torch import inject_lora, lora_wrappers, save_adapter
+
+    model = inject_lora(tiny_pair.torch_copy(), ["c_fc"], rank=2, lora_alpha=3.0, verbose=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for wrapper in lora_wrappers(model).values():
+            wrapper.lora.lora_B.normal_(0.0, 0.1)  # a "trained" adapter: non-zero B
+    save_adapter(model, tmp_path / "adapter")
+    report = run_suite(tiny_pair, SuiteSettings(adapter=tmp_path / "adapter",
+                                                checks=("injection", "forward_delta", "interchange")))
+    assert [(row.name, row.detail) for row in report.failures] == []
+    # The adapter's own spec (c_fc, r=2: 2 layers x 2 x (32 + 128)) is checked beside the five standard specs.
+    assert any(row.name == "trainable params [c_fc]" and row.detail == "640 vs 640" for row in report.rows)
+    assert any("s=1.5" in row.name for row in report.rows)  # alpha / r = 3 / 2 from adapter_config.json
+    assert report.settings["rank"] == 2 and report.settings["targets"] == "c_fc"
