@@ -59,6 +59,13 @@ _NEUTRAL_FIELDS = {
     "exclude_modules": (None, [], ""),
     "target_parameters": (None, []),
     "lora_bias": (False, None),
+    "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "use_qalora": (False, None),
+    "use_bdlora": (False, None),
+    "alora_invocation_tokens": (None, []),
+    "kasa_config": (None, {}),
+    "monteclora_config": (None, {}),
 }
 
 
