@@ -18,9 +18,13 @@ ORIENTATION_NOTE = ("A (in,r), B (r,out) in both; Conv1D weight == Flax kernel (
 def injection_specs(n_layer: int, *, rank: int, alpha: float, use_rslora: bool = False) -> list[Any]:
     """The target specs of the injection stage: three lists, a regex, and ``layers_to_transform``.
 
-    >>> [spec_label(c) for c in injection_specs(3, rank=4, alpha=8.0)]  # doctest: +NORMALIZE_WHITESPACE
-    ['c_attn', 'c_attn,c_proj', 'c_attn,c_proj,c_fc', 're:.*\\\\.h\\\\.\\\\d+\\\\.(attn\\\\.c_attn|mlp\\\\.c_fc)',
-     'c_attn,c_proj@layers=0,2']
+    >>> for config in injection_specs(3, rank=4, alpha=8.0):
+    ...     print(spec_label(config))
+    c_attn
+    c_attn,c_proj
+    c_attn,c_proj,c_fc
+    re:.*\\.h\\.\\d+\\.(attn\\.c_attn|mlp\\.c_fc)
+    c_attn,c_proj@layers=0,2
     """
     from lora_jax import LoraConfig
 
