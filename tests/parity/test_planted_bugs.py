@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import optax
-import pytest
 from transformers import GPT2LMHeadModel
 
 import parity.adapted
