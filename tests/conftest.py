@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.append(str(Path(__file__).parent))  # after the repo root, so tests/parity never shadows parity
 
 from gpt2_fixtures import ALT, TINY, save_gpt2  # noqa: E402
 
