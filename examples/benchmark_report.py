@@ -79,7 +79,7 @@ def _markdown(report: dict) -> Iterator[str]:
                f"batch {w['batch']} x {w['seq']}, {w['dtype']}, LoRA r=16 on c_attn/c_proj/c_fc\n")
         yield (f"Matmul roof measured in this run: {peak['gflops']:.0f} GFLOP/s ({peak['dtype']}, "
                f"{'x'.join(map(str, peak['shape']))}; torch {peak['torch_gflops']:.0f}, XLA {peak['jax_gflops']:.0f}).\n")
-        yield ("| implementation | training | tokens/s median [min, max] | step ms | vs PEFT eager | "
+        yield ("| implementation | training | tokens/s median [min, max] | step ms | x PEFT eager | "
                "GFLOP/step analytic (XLA) | GFLOP/s | of roof | peak RSS in step MB | XLA peak MB | warm-up s |")
         yield "|---|---|---|---|---|---|---|---|---|---|---|"
         for r in config["results"]:
