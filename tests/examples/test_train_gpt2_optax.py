@@ -6,7 +6,6 @@ it as a real subprocess to check the exit code a shell sees.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,26 +16,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lora_jax.embedded import build_base
 from lora_jax.train_checkpoint import latest_checkpoint
+from example_scripts import EXAMPLES, load_example
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_gpt2_optax.py"
+SCRIPT = EXAMPLES / "train_gpt2_optax.py"
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("train_gpt2_optax", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    # Barely trained (5 steps): enough to be a real base directory with a tokenizer, and cheap.
-    return build_base(tmp_path_factory.mktemp("tiny_base"), n_layer=1, n_embd=32, n_head=2, vocab_size=300,
-                      seq_len=32, batch_size=4, steps=5, seed=0, progress=False)
+    return load_example("train_gpt2_optax")
 
 
 def _argv(base_dir: Path, out: Path, *extra: str) -> list[str]:
