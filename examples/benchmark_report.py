@@ -79,15 +79,19 @@ def _markdown(report: dict) -> Iterator[str]:
                f"batch {w['batch']} x {w['seq']}, {w['dtype']}, LoRA r=16 on c_attn/c_proj/c_fc\n")
         yield (f"Matmul roof measured in this run: {peak['gflops']:.0f} GFLOP/s ({peak['dtype']}, "
                f"{'x'.join(map(str, peak['shape']))}; torch {peak['torch_gflops']:.0f}, XLA {peak['jax_gflops']:.0f}).\n")
+        gpu = any("cuda_peak_mb" in r or "xla_allocator_peak_so_far_mb" in r for r in config["results"])
         yield ("| implementation | training | tokens/s median [min, max] | step ms | x PEFT eager | "
-               "GFLOP/step analytic (XLA) | GFLOP/s | of roof | peak RSS in step MB | XLA peak MB | warm-up s |")
-        yield "|---|---|---|---|---|---|---|---|---|---|---|"
+               "GFLOP/step analytic (XLA) | GFLOP/s | of roof | peak RSS in step MB | XLA peak MB | warm-up s |"
+               + (" GPU allocator peak MB |" if gpu else ""))
+        yield "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")
         for r in config["results"]:
+            gpu_peak = r.get("cuda_peak_mb", r.get("xla_allocator_peak_so_far_mb"))
             yield (f"| {r['name']} | {r['training']} | {r['tokens_per_s_median']:.0f} "
                    f"[{r['tokens_per_s_min']:.0f}, {r['tokens_per_s_max']:.0f}] | {1000 * r['step_s_median']:.0f} | "
                    f"{_fmt(ratios.get(r['name']), '.2f')} | {r['flops_per_step'] / 1e9:.0f} ({_fmt(r.get('xla_flops_per_step', 0) / 1e9 or None)}) | "
                    f"{_fmt(r.get('achieved_gflops'))} | {_fmt(r.get('utilisation_vs_peak'), '.0%')} | "
-                   f"{_fmt(r.get('peak_rss_mb'))} | {_fmt(r.get('xla_peak_mb'))} | {r['warmup_s']:.1f} |")
+                   f"{_fmt(r.get('peak_rss_mb'))} | {_fmt(r.get('xla_peak_mb'))} | {r['warmup_s']:.1f} |"
+                   + (f" {_fmt(gpu_peak)} |" if gpu else ""))
         if config["skipped"]:
             yield f"\nSkipped (not installed): {', '.join(config['skipped'])}.\n"
         if config["memory_table"]:
@@ -99,8 +103,11 @@ def _markdown(report: dict) -> Iterator[str]:
                        f"{row['xla_temp_mb']:.0f} | {row['xla_alias_mb']:.0f} | {row['xla_peak_mb']:.0f} |")
     yield ("\nPeak RSS is the whole process (every implementation's weights stay resident) sampled every "
            "2 ms during that implementation's steps; compare it across rows, not to the model size. "
+           "The GPU allocator peak likewise includes every implementation's resident weights; XLA's "
+           "cannot be reset, so its value is the peak of the process up to that step. "
            "XLA peak = arguments + outputs + temporaries - aliased. GFLOP/s and the share of the roof use "
-           "the hand count (`analytic_flops` in examples/benchmark_steps.py) for every row; XLA's cost "
+           "the hand count (`analytic_flops` in examples/benchmark_steps.py) for every row; on GPU the share of the "
+           "measured bf16 roof is the MFU. XLA's cost "
            "analysis is shown in brackets. It matches the hand count where the step has no loop "
            "(jax_lora_logits) and undercounts the chunked loss, whose scan body XLA counts once.\n")
 

@@ -182,6 +182,9 @@ def build_jax(name: str, w: Workload, training: str, chunked: bool) -> Timed:
     def run() -> None:
         state["trained"], state["opt"], metrics = step(state["trained"], state["opt"], frozen, batch, rng)
         jax.block_until_ready((state["trained"], metrics["loss"]))
+        if w.device == "gpu":  # the allocator's peak over the process so far: it cannot be reset
+            peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0)
+            info["xla_allocator_peak_so_far_mb"] = peak / 2**20
 
     def close() -> None:
         state.clear()
@@ -255,11 +258,15 @@ def build_torch(name: str, w: Workload, variant: str, compiled: bool) -> Timed |
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run() -> None:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         optimizer.zero_grad(set_to_none=True)
         loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         sync()
+        if device == "cuda":  # includes every implementation's resident weights, like RSS on CPU
+            info["cuda_peak_mb"] = max(info.get("cuda_peak_mb", 0.0), torch.cuda.max_memory_allocated() / 2**20)
 
     def close() -> None:
         params.clear()
