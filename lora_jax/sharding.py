@@ -35,6 +35,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lora_jax.lora_tree import LORA_A, LORA_B, get_module
+
 __all__ = [
     "MESH_AXES",
     "parse_mesh_spec",
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 MESH_AXES = ("data", "fsdp")  # outermost first
-LORA_A, LORA_B, KERNEL = "lora_A", "lora_B", "kernel"
+KERNEL = "kernel"
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
@@ -144,14 +146,9 @@ def param_partition_specs(params: Any, fsdp_size: int) -> Any:
 
 
 def _kernel_at(params: Any, module_path: Sequence[str]) -> Any:
-    node = params
-    for name in module_path:
-        if not isinstance(node, Mapping) or name not in node:
-            break
-        node = node[name]
-    else:
-        if isinstance(node, Mapping) and KERNEL in node:
-            return node[KERNEL]
+    module = get_module(params, tuple(module_path))
+    if module is not None and KERNEL in module:
+        return module[KERNEL]
     raise ValueError(
         f"LoRA module {'.'.join(module_path)!r} has no kernel in params; build the LoRA tree "
         "with init_lora from these same params."
