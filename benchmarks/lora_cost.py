@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_jax.atomic_files import atomic_write_text
 from lora_jax.config import LoraConfig
 from lora_jax.gpt2_model import GPT2, GPT2Config, gpt2_small
 from lora_jax.initialize import init_lora
@@ -204,10 +204,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(temp, path)
+    atomic_write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.atomic_files import atomic_write, atomic_write_text
 from lora_jax.gpt2_model import GPT2Config, Params
 
 _PREFIX = "transformer."
@@ -182,9 +182,9 @@ def save_gpt2(
         tensors[_PREFIX + key] = np.ascontiguousarray(jax.device_get(leaf), dtype=np.float32)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "model.safetensors", lambda tmp: _save_safetensors(tensors, tmp))
+    atomic_write(out / "model.safetensors", lambda tmp: _save_safetensors(tensors, tmp))
     text = json.dumps({**_hf_config_dict(config), **(extra_config or {})}, indent=2, sort_keys=True)
-    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    atomic_write_text(out / "config.json", text + "\n")
     return out
 
 
@@ -220,15 +220,3 @@ def _hf_config_dict(config: GPT2Config) -> dict[str, Any]:
         "attn_pdrop": 0.0,
         "tie_word_embeddings": True,
     }
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Writes through a temp file in the same directory, then renames it over ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from lora_jax.atomic_files import atomic_write, atomic_write_text
 from lora_jax.config import LoraConfig
 from lora_jax.lora_tree import LORA_A, LORA_B, ModulePath, get_module, lora_modules, nest
 from lora_jax.targets import dotted_name, resolve_targets
@@ -134,19 +134,6 @@ def _check_lora_for_save(lora: Mapping[str, Any], config: LoraConfig) -> None:
             )
 
 
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(
     out_dir: str | os.PathLike,
     lora: Mapping[str, Any],
@@ -172,11 +159,11 @@ def save_adapter(
     out.mkdir(parents=True, exist_ok=True)
     tensors = peft_state_dict(lora)
     # PEFT itself writes {"format": "pt"}; loaders that check the metadata expect it.
-    _atomic_write_bytes(out / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_FILE, lambda temp: safetensors.numpy.save_file(tensors, temp, metadata={"format": "pt"}))
     meta = adapter_config_dict(
         config, base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=fan_in_fan_out
     )
-    _atomic_write_bytes(out / CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def config_from_adapter_dict(meta: Mapping[str, Any]) -> LoraConfig:
