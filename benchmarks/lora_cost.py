@@ -39,6 +39,7 @@ import optax
 
 from lora_jax.atomic_files import atomic_write_text
 from lora_jax.config import LoraConfig
+from lora_jax.counting import count_params, lora_param_count
 from lora_jax.gpt2_model import GPT2, GPT2Config, gpt2_small
 from lora_jax.initialize import init_lora
 from lora_jax.losses import gpt2_lm_loss, next_token_loss
@@ -51,6 +52,15 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 def abstract_batch(batch: int, seq: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {"input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32)}
+
+
+def abstract_params(gpt: GPT2Config) -> Any:
+    """GPT-2's parameter tree as ``jax.ShapeDtypeStruct`` leaves: shapes only, nothing allocated."""
+    return jax.eval_shape(GPT2(gpt).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def abstract_key() -> jax.ShapeDtypeStruct:
+    return jax.eval_shape(lambda: jax.random.key(0))
 
 
 def compiled_stats(compiled: Any) -> dict[str, float]:
@@ -74,10 +84,10 @@ def compiled_stats(compiled: Any) -> dict[str, float]:
 def lora_step_stats(gpt: GPT2Config, config: LoraConfig, batch: int, seq: int) -> dict[str, float]:
     """The preferred path: frozen params and LoRA tree as separate arguments."""
     model, tx = GPT2(gpt), optax.adamw(1e-4)
-    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = abstract_params(gpt)
     lora = jax.eval_shape(lambda k: init_lora(params, config, k), jax.random.key(0))
     opt_state = jax.eval_shape(tx.init, lora)
-    rng = jax.eval_shape(lambda: jax.random.key(0))
+    rng = abstract_key()
     step = make_train_step(gpt2_lm_loss(model, config), tx)
     return compiled_stats(step.lower(lora, opt_state, params, abstract_batch(batch, seq), rng).compile())
 
@@ -91,10 +101,10 @@ def combined_step_stats(gpt: GPT2Config, config: LoraConfig, batch: int, seq: in
         frozen, lora = split(full)
         return inner(lora, frozen, batch, rng)
 
-    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = abstract_params(gpt)
     full = jax.eval_shape(lambda k: combine(params, init_lora(params, config, k)), jax.random.key(0))
     opt_state = jax.eval_shape(lora_optimizer(tx).init, full)
-    rng = jax.eval_shape(lambda: jax.random.key(0))
+    rng = abstract_key()
     step = make_combined_train_step(loss_fn, tx)
     return compiled_stats(step.lower(full, opt_state, abstract_batch(batch, seq), rng).compile())
 
@@ -111,7 +121,7 @@ def full_step_stats(gpt: GPT2Config, batch: int, seq: int) -> dict[str, float]:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = abstract_params(gpt)
     opt_state = jax.eval_shape(tx.init, params)
     jitted = jax.jit(step, donate_argnums=(0, 1))
     return compiled_stats(jitted.lower(params, opt_state, abstract_batch(batch, seq)).compile())
@@ -218,12 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     gpt = gpt2_small()
     config = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, target_modules=args.targets)
-    params = jax.eval_shape(GPT2(gpt).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    params = abstract_params(gpt)
     started = time.perf_counter()
     with jax.default_matmul_precision("highest"):
         result = measure(gpt, config, args.batch, args.seq, combined=not args.no_combined)
-    from lora_jax.counting import count_params, lora_param_count
-
     report = {
         "setup": {
             "model": "gpt2-small", "model_params": count_params(params), "batch": args.batch, "seq": args.seq,
