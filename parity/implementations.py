@@ -34,13 +34,18 @@ def load_jax_gpt2(model_dir: Path):
 
 
 def inject_torch(model, config):
-    """``lora_torch.inject_lora`` with a ``LoraConfig``'s settings, then ``freeze_base_model``."""
+    """``lora_torch.inject_lora`` with a ``LoraConfig``'s settings, then ``freeze_base_model``.
+
+    Every field that selects modules (``target_modules``, ``layers_to_transform``,
+    ``layers_pattern``) is passed on, so both halves pick their layer index by the same rule.
+    """
     from lora_torch import freeze_base_model, inject_lora
 
     targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
     layers = None if config.layers_to_transform is None else list(config.layers_to_transform)
+    pattern = list(config.layers_pattern) if isinstance(config.layers_pattern, tuple) else config.layers_pattern
     inject_lora(model, targets, config.rank, config.alpha, dropout=config.dropout, use_rslora=config.use_rslora,
-                layers_to_transform=layers, verbose=False)
+                layers_to_transform=layers, layers_pattern=pattern, verbose=False)
     return freeze_base_model(model)
 
 

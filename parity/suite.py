@@ -91,6 +91,9 @@ def describe_lora(config: Any) -> dict:
            "alpha": config.alpha, "use_rslora": config.use_rslora, "scaling": round(config.scaling, 6)}
     if config.layers_to_transform is not None:
         out["layers_to_transform"] = ",".join(str(i) for i in config.layers_to_transform)
+    if config.layers_pattern is not None:
+        pattern = config.layers_pattern
+        out["layers_pattern"] = pattern if isinstance(pattern, str) else ",".join(pattern)
     return out
 
 

@@ -38,11 +38,19 @@ def injection_specs(n_layer: int, *, rank: int, alpha: float, use_rslora: bool =
 
 
 def spec_label(config: Any) -> str:
-    """A short label of a config's targets, e.g. ``c_attn,c_proj@layers=0,2`` or ``re:<regex>``."""
+    """A short label of a config's targets, e.g. ``c_attn,c_proj@layers=0,2`` or ``re:<regex>``.
+
+    >>> from lora_jax import LoraConfig
+    >>> spec_label(LoraConfig(target_modules=["c_attn"], layers_to_transform=[1], layers_pattern="h"))
+    'c_attn@layers=1@pattern=h'
+    """
     targets = config.target_modules
     label = f"re:{targets}" if isinstance(targets, str) else ",".join(targets)
     if config.layers_to_transform is not None:
         label += "@layers=" + ",".join(str(i) for i in config.layers_to_transform)
+    if config.layers_pattern is not None:
+        pattern = config.layers_pattern
+        label += "@pattern=" + (pattern if isinstance(pattern, str) else ",".join(pattern))
     return label
 
 
