@@ -34,6 +34,8 @@ Params = dict[str, Any]
 
 # HF activation names that mean GELU with the tanh approximation (GPT-2's "gelu_new").
 _TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# GPT-2's initialiser: normal(0.02) for embeddings and kernels.
+_INIT_STD = 0.02
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -168,6 +170,12 @@ def init_cache(config: GPT2Config, batch_size: int, max_length: int, dtype: Any 
     return KVCache(keys=empty, values=empty, length=jnp.zeros((), jnp.int32))
 
 
+def _residual_std(config: GPT2Config) -> float:
+    # GPT-2 scales the projections that write into the residual stream by depth, so the
+    # stream's variance stays put as 2 * n_layer of them are summed.
+    return _INIT_STD / math.sqrt(2 * config.n_layer)
+
+
 def _dense(features: int, name: str, dtype: Any, param_dtype: Any, std: float) -> nn.Dense:
     return nn.Dense(
         features,
@@ -190,8 +198,7 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None, start: jax.Array | None):
         cfg = self.config
         b, t, d = x.shape
-        proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2 scales residual projections by depth
-        qkv = _dense(3 * d, "c_attn", self.dtype, self.param_dtype, 0.02)(x)  # (B, T, 3D)
+        qkv = _dense(3 * d, "c_attn", self.dtype, self.param_dtype, _INIT_STD)(x)  # (B, T, 3D)
         q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))  # (B, T, nh, hs)
         if layer_cache is None:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, nh, hs)
@@ -208,7 +215,7 @@ class CausalSelfAttention(nn.Module):
             y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
             new_layer_cache = (k_all, v_all)
         y = y.reshape(b, t, d)  # (B, T, D)
-        return _dense(d, "c_proj", self.dtype, self.param_dtype, proj_std)(y), new_layer_cache
+        return _dense(d, "c_proj", self.dtype, self.param_dtype, _residual_std(cfg))(y), new_layer_cache
 
 
 class MLP(nn.Module):
@@ -221,10 +228,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = self.config.n_embd
-        proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        h = _dense(4 * d, "c_fc", self.dtype, self.param_dtype, 0.02)(x)  # (B, T, 4D)
+        h = _dense(4 * d, "c_fc", self.dtype, self.param_dtype, _INIT_STD)(x)  # (B, T, 4D)
         h = jax.nn.gelu(h, approximate=True)  # HF "gelu_new"
-        return _dense(d, "c_proj", self.dtype, self.param_dtype, proj_std)(h)  # (B, T, D)
+        return _dense(d, "c_proj", self.dtype, self.param_dtype, _residual_std(self.config))(h)  # (B, T, D)
 
 
 class Block(nn.Module):
@@ -280,7 +286,7 @@ class GPT2Transformer(nn.Module):
 
     def setup(self) -> None:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        embed_init = nn.initializers.normal(0.02)
+        embed_init = nn.initializers.normal(_INIT_STD)
         self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, **kw)
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init, **kw)
         self.h = BlockStack(cfg, remat=self.remat, **kw)
