@@ -11,8 +11,9 @@ Defaults are the real packages, imported on first use so that ``import parity`` 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,23 +50,13 @@ def inject_torch(model, config):
     return freeze_base_model(model)
 
 
-def _lora_jax(name: str) -> Callable:
+def _deferred(package: str, name: str) -> Callable:
+    """``package.name``, imported on the first call (keeps ``import parity`` free of torch and JAX)."""
+
     def call(*args: Any, **kwargs: Any) -> Any:
-        import lora_jax
+        return getattr(importlib.import_module(package), name)(*args, **kwargs)
 
-        return getattr(lora_jax, name)(*args, **kwargs)
-
-    call.__name__ = call.__qualname__ = f"lora_jax.{name}"
-    return call
-
-
-def _lora_torch(name: str) -> Callable:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        import lora_torch
-
-        return getattr(lora_torch, name)(*args, **kwargs)
-
-    call.__name__ = call.__qualname__ = f"lora_torch.{name}"
+    call.__name__ = call.__qualname__ = f"{package}.{name}"
     return call
 
 
@@ -94,15 +85,15 @@ class Implementations:
     load_torch: Callable = load_torch_gpt2
     load_jax: Callable = load_jax_gpt2
     torch_inject: Callable = inject_torch
-    jax_init_lora: Callable = field(default_factory=lambda: _lora_jax("init_lora"))
-    jax_lora_apply: Callable = field(default_factory=lambda: _lora_jax("lora_apply"))
-    torch_merge: Callable = field(default_factory=lambda: _lora_torch("merge_lora_weights"))
-    torch_unmerge: Callable = field(default_factory=lambda: _lora_torch("unmerge_lora_weights"))
-    jax_merge: Callable = field(default_factory=lambda: _lora_jax("merge"))
-    jax_unmerge: Callable = field(default_factory=lambda: _lora_jax("unmerge"))
+    jax_init_lora: Callable = _deferred("lora_jax", "init_lora")
+    jax_lora_apply: Callable = _deferred("lora_jax", "lora_apply")
+    torch_merge: Callable = _deferred("lora_torch", "merge_lora_weights")
+    torch_unmerge: Callable = _deferred("lora_torch", "unmerge_lora_weights")
+    jax_merge: Callable = _deferred("lora_jax", "merge")
+    jax_unmerge: Callable = _deferred("lora_jax", "unmerge")
     torch_optimizer: Callable = torch_adamw
     jax_optimizer: Callable = optax_adamw
-    jax_save_adapter: Callable = field(default_factory=lambda: _lora_jax("save_adapter"))
-    jax_load_adapter: Callable = field(default_factory=lambda: _lora_jax("load_adapter"))
-    torch_save_adapter: Callable = field(default_factory=lambda: _lora_torch("save_adapter"))
-    torch_load_adapter: Callable = field(default_factory=lambda: _lora_torch("load_adapter"))
+    jax_save_adapter: Callable = _deferred("lora_jax", "save_adapter")
+    jax_load_adapter: Callable = _deferred("lora_jax", "load_adapter")
+    torch_save_adapter: Callable = _deferred("lora_torch", "save_adapter")
+    torch_load_adapter: Callable = _deferred("lora_torch", "load_adapter")
