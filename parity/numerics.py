@@ -45,9 +45,13 @@ def check_dtype(dtype: str) -> str:
     ...
     ValueError: Unknown dtype 'float16'; choose one of fp32, bf16.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    return dtype
+    return _one_of("dtype", dtype, DTYPES)
+
+
+def _one_of(kind: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"Unknown {kind} {value!r}; choose one of {', '.join(choices)}.")
+    return value
 
 
 def resolve_device(name: str) -> Placement:
@@ -70,8 +74,7 @@ def resolve_device(name: str) -> Placement:
     ...
     ValueError: Unknown device 'tpu'; choose one of cpu, gpu.
     """
-    if name not in DEVICES:
-        raise ValueError(f"Unknown device {name!r}; choose one of {', '.join(DEVICES)}.")
+    _one_of("device", name, DEVICES)
     import jax
     import torch
 
