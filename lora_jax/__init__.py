@@ -4,7 +4,8 @@ The core is model-agnostic: ``init_lora`` builds a LoRA tree mirroring the targe
 ``nn.Dense`` kernels, ``lora_apply`` adds ``s * (x A) B`` to those layers by intercepting their
 calls, ``make_train_step`` differentiates only the LoRA tree, ``merge`` folds it into the
 kernels, and ``save_adapter``/``load_adapter`` speak PEFT's adapter format. The GPT-2 side
-(``GPT2``, ``load_gpt2``, ``generate``, ``ensure_base``...) and the chunked losses are exported
+(``GPT2``, ``load_gpt2``, ``generate``, ``ensure_base``...), the chunked losses and the mesh
+entry points of ``lora_jax.sharding`` (``make_mesh``, ``shard_train_step``...) are exported
 lazily, so ``import lora_jax`` only loads the core.
 
 Example:
@@ -52,6 +53,10 @@ _LAZY = {
     "generate": "lora_jax.generation",
     **dict.fromkeys(("chunked_cross_entropy", "chunked_next_token_loss", "gpt2_chunked_lm_loss"), "lora_jax.chunked_loss"),
     **dict.fromkeys(("ensure_base", "load_tokenizer"), "lora_jax.embedded"),
+    # The entry points of a sharded run; the partition-spec rules stay in lora_jax.sharding.
+    **dict.fromkeys(
+        ("make_mesh", "place_train_state", "shard_batch", "shard_train_step", "train_shardings"), "lora_jax.sharding"
+    ),
 }
 
 __all__ = [
