@@ -28,6 +28,18 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(__file__))  # sibling modules when run as a script
+# benchmark_steps imports jax and torch only inside its builders, so the flags below still take effect.
+from benchmark_steps import (  # noqa: E402
+    IMPLEMENTATIONS,
+    Workload,
+    build_implementation,
+    jax_memory_table,
+    matmul_peak_gflops,
+)
+
+PRESETS = {"small": dict(n_embd=768, n_layer=12, n_head=12), "medium": dict(n_embd=1024, n_layer=24, n_head=16)}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -35,18 +47,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch and XLA")
     p.add_argument("--steps", type=int, default=8, help="timed rounds (one step of each implementation per round)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation (compilation)")
-    p.add_argument("--configs", nargs="+", default=None, help="small / medium (default: small on CPU, both on GPU)")
+    p.add_argument("--configs", nargs="+", choices=list(PRESETS), default=None,
+                   help="model shapes (default: small on CPU, both on GPU)")
     p.add_argument("--batch", type=int, default=None, help="default 4 on CPU, 16 on GPU")
     p.add_argument("--seq", type=int, default=None, help="default 128 on CPU, 1024 on GPU")
     p.add_argument("--layers", type=int, default=None, help="override n_layer (smoke runs)")
-    p.add_argument("--impls", nargs="+", default=None, help="subset of implementations to run")
+    p.add_argument("--impls", nargs="+", choices=list(IMPLEMENTATIONS), default=None,
+                   help="subset of implementations to run (default: all)")
     p.add_argument("--chunk-size", type=int, default=128, help="token rows per LM-head chunk (jax_lora)")
     p.add_argument("--no-memory-table", action="store_true", help="skip the compile-only remat memory table")
     p.add_argument("--out", default=None, help="output prefix (default docs/benchmark_<device>)")
     args = p.parse_args(argv)
-    for name in ("steps", "warmup", "threads", "chunk_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    too_small = [f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}"
+                 for n in ("steps", "warmup", "threads", "chunk_size") if getattr(args, n) < 1]
+    if too_small:
+        p.error("; ".join(too_small))  # exit code 2, like argparse's own errors
     return args
 
 
@@ -63,17 +78,7 @@ if ARGS is not None:
 
 import statistics  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))  # sibling module when run as a script
-from benchmark_steps import (  # noqa: E402
-    IMPLEMENTATIONS,
-    Workload,
-    build_implementation,
-    jax_memory_table,
-    matmul_peak_gflops,
-)
 from benchmark_report import machine_info, write_report  # noqa: E402
-
-PRESETS = {"small": dict(n_embd=768, n_layer=12, n_head=12), "medium": dict(n_embd=1024, n_layer=24, n_head=16)}
 
 
 def run_rounds(impls: list, steps: int, warmup: int) -> dict[str, list[float]]:
@@ -144,9 +149,6 @@ def main(args: argparse.Namespace) -> None:
     args.seq = args.seq or (1024 if gpu else 128)
     dtype = "bfloat16" if gpu else "float32"
     presets = args.configs or (["small", "medium"] if gpu else ["small"])
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise SystemExit(f"Unknown --configs {unknown}; choose from {sorted(PRESETS)}.")
     report = {
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "machine": machine_info(args.device, args.threads),
