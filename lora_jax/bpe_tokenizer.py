@@ -17,6 +17,14 @@ END_OF_TEXT = "<|endoftext|>"
 _BYTE_ALPHABET = 256
 
 
+def _byte_level(bpe: models.BPE) -> Tokenizer:
+    tokenizer = Tokenizer(bpe)
+    # GPT-2's convention: no prefix space, whitespace kept inside tokens as the byte-level 'Ġ'.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
 def train_bpe_tokenizer(text: str, vocab_size: int) -> Tokenizer:
     """Learns a byte-level BPE with ``vocab_size`` entries; ``<|endoftext|>`` gets id 0.
 
@@ -31,10 +39,7 @@ def train_bpe_tokenizer(text: str, vocab_size: int) -> Tokenizer:
         raise ValueError(
             f"vocab_size must be an int >= {_BYTE_ALPHABET + 1} (256 bytes + {END_OF_TEXT}), got {vocab_size!r}."
         )
-    tokenizer = Tokenizer(models.BPE())
-    # GPT-2's convention: no prefix space, whitespace kept inside tokens as the byte-level 'Ġ'.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer = _byte_level(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[END_OF_TEXT],
@@ -84,9 +89,7 @@ def load_tokenizer(model_dir_or_hub_id: str | os.PathLike) -> Tokenizer:
 
 
 def _from_vocab_and_merges(vocab: Path, merges: Path) -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer = _byte_level(models.BPE.from_file(str(vocab), str(merges)))
     if END_OF_TEXT in json.loads(vocab.read_text(encoding="utf-8")):
         tokenizer.add_special_tokens([END_OF_TEXT])
     return tokenizer
