@@ -36,6 +36,18 @@ def named_to_jax_lora(named: Mapping[str, tuple[Any, Any]], device: Any = None) 
     return tree if device is None else jax.device_put(tree, device)
 
 
+def jax_kernel(params: Mapping[str, Any], name: str) -> Any:
+    """The ``kernel`` leaf (in, out) of the module called ``name`` in a params tree.
+
+    >>> jax_kernel({"h": {"0": {"c_attn": {"kernel": np.zeros((4, 12))}}}}, "h.0.c_attn").shape
+    (4, 12)
+    """
+    node = params
+    for key in name.split("."):
+        node = node[key]
+    return node["kernel"]
+
+
 def torch_lora_to_named(model: Any) -> NamedLora:
     """Every ``lora_torch`` wrapper's ``(A, B)`` by module name (float32 numpy)."""
     from lora_torch import lora_wrappers

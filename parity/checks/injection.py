@@ -7,7 +7,7 @@ from typing import Any
 
 from parity.pair import ModelPair
 from parity.results import StageResult, compare_exact
-from parity.transfer import jax_lora_to_named
+from parity.transfer import jax_kernel, jax_lora_to_named
 
 # Why shapes agree without transposes (printed in the shape row): A (in, r) and B (r, out) in both
 # halves; GPT-2's Conv1D weight and the Flax Dense kernel are both (in, out); only nn.Linear is (out, in).
@@ -61,13 +61,6 @@ def _kernel_shape(module: Any) -> tuple[int, ...]:
     return shape[::-1] if isinstance(module.base_layer, nn.Linear) else shape
 
 
-def _jax_kernel_shape(params: Any, name: str) -> tuple[int, ...]:
-    node = params
-    for key in name.split("."):
-        node = node[key]
-    return tuple(node["kernel"].shape)
-
-
 def check_injection(pair: ModelPair, config: Any, *, seed: int = 0) -> StageResult:
     """Injects ``config`` into a torch copy and builds the JAX LoRA tree; compares the two.
 
@@ -90,7 +83,7 @@ def check_injection(pair: ModelPair, config: Any, *, seed: int = 0) -> StageResu
     for name in sorted(set(wrappers) & set(named)):
         lora_layer = wrappers[name].lora
         torch_shapes = (tuple(lora_layer.lora_A.shape), tuple(lora_layer.lora_B.shape), _kernel_shape(wrappers[name]))
-        jax_shapes = (named[name][0].shape, named[name][1].shape, _jax_kernel_shape(pair.jax_params, name))
+        jax_shapes = (named[name][0].shape, named[name][1].shape, tuple(jax_kernel(pair.jax_params, name).shape))
         if torch_shapes != jax_shapes:
             mismatched.append(f"{name}: torch {torch_shapes} vs JAX {jax_shapes}")
     shape_row = compare_exact("injection", f"modules with shape mismatch [{label}]", len(mismatched), 0)

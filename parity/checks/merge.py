@@ -11,14 +11,12 @@ from parity.adapted import AdaptedPair, nonzero_b_row
 from parity.linear_layout import conv1d_to_linear
 from parity.results import StageResult, compare_arrays, compare_named_arrays
 from parity.tolerances import tolerance_for
-from parity.transfer import copy_into_torch, jax_lora_to_named
+from parity.transfer import copy_into_torch, jax_kernel, jax_lora_to_named
 
 
-def _kernel(params: Any, name: str) -> np.ndarray:
-    node = params
-    for key in name.split("."):
-        node = node[key]
-    return np.asarray(node["kernel"], dtype=np.float32)
+def _jax_kernels(params: Any, names: list[str]) -> dict[str, np.ndarray]:
+    """Each module's Flax kernel (in, out) as float32 numpy."""
+    return {name: np.asarray(jax_kernel(params, name), dtype=np.float32) for name in names}
 
 
 def _torch_kernels(model: Any, names: list[str]) -> dict[str, np.ndarray]:
@@ -43,7 +41,7 @@ def _merged_pair_rows(adapted: AdaptedPair, torch_model: Any, layout: str, input
     merged_logits = pair.torch_logits(merged_model, input_ids)
     rows = [
         compare_named_arrays("merge", f"merged weights torch ({layout}) vs JAX (worst module)",
-                             _torch_kernels(merged_model, names), {n: _kernel(merged_params, n) for n in names},
+                             _torch_kernels(merged_model, names), _jax_kernels(merged_params, names),
                              tolerance_for("merged_weights", dtype)),
         compare_arrays("merge", f"torch ({layout}) merged vs unmerged logits", merged_logits, lora_logits,
                        tolerance_for("merge_logits", dtype)),
@@ -68,8 +66,8 @@ def check_merge(adapted: AdaptedPair, input_ids: np.ndarray) -> StageResult:
     rows = [nonzero_b_row("merge", lora),
             compare_arrays("merge", "JAX merged vs unmerged logits", jax_merged, jax_lora,
                            tolerance_for("merge_logits", dtype))]
-    conv_rows, merged_model, torch_merged = _merged_pair_rows(adapted, adapted.torch_model, "Conv1D", input_ids, merged_params,
-                                                jax_merged)
+    conv_rows, merged_model, torch_merged = _merged_pair_rows(adapted, adapted.torch_model, "Conv1D", input_ids,
+                                                              merged_params, jax_merged)
     rows += conv_rows
     linear_model = pair.impl.torch_inject(conv1d_to_linear(pair.torch_copy()), config)
     copy_into_torch(linear_model, jax_lora_to_named(lora))
@@ -81,7 +79,7 @@ def check_merge(adapted: AdaptedPair, input_ids: np.ndarray) -> StageResult:
     rows += [
         compare_named_arrays("merge", "torch unmerge restores base weights", restored_kernels, base_kernels,
                              tolerance_for("unmerge", dtype)),
-        compare_named_arrays("merge", "JAX unmerge restores base kernels", {n: _kernel(unmerged_params, n) for n in names},
-                             {n: _kernel(pair.jax_params, n) for n in names}, tolerance_for("unmerge", dtype)),
+        compare_named_arrays("merge", "JAX unmerge restores base kernels", _jax_kernels(unmerged_params, names),
+                             _jax_kernels(pair.jax_params, names), tolerance_for("unmerge", dtype)),
     ]
     return StageResult(rows, {"torch_merged_logits": torch_merged, "jax_merged_logits": jax_merged})
