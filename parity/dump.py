@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,14 +15,10 @@ DUMP_NAMES = ("input_ids", "torch_base_logits", "jax_base_logits", "torch_lora_l
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     """``np.save`` to a temp file beside ``path``, then rename: never a truncated ``.npy``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from lora_torch.tensor_files import atomic_destination
+
+    with atomic_destination(path) as tmp, tmp.open("wb") as handle:  # a handle: np.save(path) would add .npy
+        np.save(handle, array, allow_pickle=False)
 
 
 def dump_arrays(out_dir: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> list[str]:

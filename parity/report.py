@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,14 +106,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
     A crash mid-write leaves the old file (or none), never a truncated one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from lora_torch.tensor_files import atomic_destination
+
+    with atomic_destination(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
