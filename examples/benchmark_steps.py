@@ -49,7 +49,6 @@ class Timed:
     step: Callable[[], None]
     info: dict
     close: Callable[[], None] = lambda: None
-    peak_rss: list = dataclasses.field(default_factory=list)
 
     def measured_step(self) -> None:
         """One step, sampling the process RSS meanwhile (CPU memory is only visible that way)."""
@@ -59,6 +58,7 @@ class Timed:
 
 
 def rss_mb() -> float:
+    """This process's resident set size now, in MiB (Linux ``/proc``)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -118,7 +118,8 @@ def _jax_setup(w: Workload, remat: bool = False):
 
 
 def _jax_step_fns(w: Workload, training: str, chunked: bool, remat: bool = False):
-    """``(step, init_state)``: the jitted step and a function making its arguments."""
+    """``(step, init_state, batch)``: the jitted step, a function making its state arguments
+    (``abstract=True``: shapes only, for compile-only analysis) and the fixed batch."""
     import jax
     import optax
 
