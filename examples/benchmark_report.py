@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
+from lora_torch.tensor_files import atomic_destination
 from parity.environment import package_versions
 
 BASELINE = "peft"  # ratios are against PEFT eager, the implementation most people use
@@ -36,20 +37,6 @@ def machine_info(device: str, threads: int) -> dict:
     if device == "gpu" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _atomic_write(path: str, write) -> None:
-    """Writes through a temporary file in the same directory, then renames it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _fmt(value, spec: str = ".0f") -> str:
@@ -112,7 +99,7 @@ def _markdown(report: dict) -> Iterator[str]:
            "(jax_lora_logits) and undercounts the chunked loss, whose scan body XLA counts once.\n")
 
 
-def _plot(report: dict, f) -> None:
+def _plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,14 +123,18 @@ def _plot(report: dict, f) -> None:
         ax.tick_params(axis="x", rotation=35, labelsize=8)
     fig.suptitle(f"LoRA r=16 training step, blue JAX / orange torch, faded = full FT ({report['machine']['cpu']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(f, format="png", dpi=110)
+    fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
 
 
 def write_report(report: dict, prefix: str) -> list[str]:
     """Writes ``prefix.json``, ``prefix.md`` and ``prefix.png`` atomically; returns the paths."""
-    paths = [prefix + ext for ext in (".json", ".md", ".png")]
-    _atomic_write(paths[0], lambda f: f.write(json.dumps(report, indent=2).encode()))
-    _atomic_write(paths[1], lambda f: f.write(("\n".join(_markdown(report)) + "\n").encode()))
-    _atomic_write(paths[2], lambda f: _plot(report, f))
-    return paths
+    writers = {
+        ".json": lambda tmp: tmp.write_text(json.dumps(report, indent=2), encoding="utf-8"),
+        ".md": lambda tmp: tmp.write_text("\n".join(_markdown(report)) + "\n", encoding="utf-8"),
+        ".png": lambda tmp: _plot(report, tmp),
+    }
+    for ext, write in writers.items():
+        with atomic_destination(prefix + ext) as tmp:  # temp file beside the target, renamed on success
+            write(tmp)
+    return [prefix + ext for ext in writers]
