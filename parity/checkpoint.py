@@ -6,7 +6,6 @@ fails in a second with a message that names the problem and the fix.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,8 +19,10 @@ def read_gpt2_config(model_dir: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: the directory, its ``config.json`` or its weights are missing.
-        ValueError: the config is not a GPT-2 (``model_type`` other than ``"gpt2"``).
+        ValueError: the config is not a JSON object, or not a GPT-2 (``model_type`` other than ``"gpt2"``).
     """
+    from lora_torch.tensor_files import read_json
+
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"Model directory {str(path)!r} does not exist. Pass --model with a "
@@ -30,7 +31,7 @@ def read_gpt2_config(model_dir: str | os.PathLike) -> dict:
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json; it is not a Hugging Face checkpoint "
                                 "directory (save one with model.save_pretrained(dir)).")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = read_json(config_file)
     model_type = config.get("model_type")
     if model_type != "gpt2":
         raise ValueError(f"{str(path)!r} holds a {model_type!r} checkpoint; parity compares GPT-2 only "
@@ -110,9 +111,12 @@ def validate_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict) -> dict:
 
     Raises:
         FileNotFoundError: the directory or one of its two files is missing.
-        ValueError: not a LoRA adapter, or an adapter for another model (unknown module, wrong shape).
+        ValueError: not a LoRA adapter (or its config is not a JSON object), or an adapter for another
+            model (unknown module, wrong shape).
     """
     from safetensors import safe_open
+
+    from lora_torch.tensor_files import read_json
 
     path = Path(adapter_dir)
     if not path.is_dir():
@@ -122,7 +126,7 @@ def validate_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict) -> dict:
         if not (path / name).is_file():
             raise FileNotFoundError(f"Adapter directory {str(path)!r} has no {name}; save adapters with "
                                     "lora_jax.save_adapter, lora_torch.save_adapter or PeftModel.save_pretrained.")
-    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_json(path / "adapter_config.json")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{str(path)!r} is a {config.get('peft_type')!r} adapter; parity needs peft_type 'LORA'.")
     expected = module_shapes(gpt2_config)

@@ -25,6 +25,15 @@ def test_directory_without_config_is_rejected(tmp_path):
         read_gpt2_config(tmp_path)
 
 
+def test_malformed_config_is_rejected_naming_the_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"')  # truncated
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON .*truncated or corrupt"):
+        read_gpt2_config(tmp_path)
+    (tmp_path / "config.json").write_text('["gpt2"]')
+    with pytest.raises(ValueError, match=r"config\.json must hold a JSON object, found list"):
+        read_gpt2_config(tmp_path)
+
+
 def test_relative_path_that_does_not_exist_is_not_taken_for_a_hub_id():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_checkpoint("./missing/model")
