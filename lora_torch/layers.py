@@ -220,4 +220,3 @@ class Conv1DWithLoRA(LoRAWrapper):
 
 # The wrapper for each supported base type; inject_lora dispatches on this table.
 WRAPPER_FOR_TYPE: dict[type[nn.Module], type[LoRAWrapper]] = {nn.Linear: LinearWithLoRA, Conv1D: Conv1DWithLoRA}
-LORA_WRAPPERS: tuple[type[LoRAWrapper], ...] = (LinearWithLoRA, Conv1DWithLoRA)
