@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 
@@ -47,6 +46,7 @@ from lora_jax import LoraConfig, init_lora, make_train_step  # noqa: E402
 from lora_jax.chunked_loss import gpt2_chunked_lm_loss  # noqa: E402
 from lora_jax.gpt2_model import GPT2, gpt2_xl, init_gpt2_params  # noqa: E402
 from lora_jax.sharding import make_mesh, shard_train_step, train_shardings  # noqa: E402
+from lora_torch.tensor_files import atomic_destination  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -100,11 +100,8 @@ def main(args: argparse.Namespace) -> None:
         "global_batch": [args.batch, args.seq], "jax": jax.__version__, "rows": rows,
     }
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.out)
+        with atomic_destination(args.out) as tmp:  # temp file beside the target, removed if the write fails
+            tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
         print("wrote", args.out)
 
 

@@ -35,6 +35,7 @@ from lora_torch import (
     save_adapter,
     save_lora_weights,
 )
+from lora_torch.tensor_files import atomic_destination
 
 EXIT_BAD_SETTINGS, EXIT_MERGE_MISMATCH = 2, 3
 MAX_EVAL_WINDOWS = 32  # bounds evaluation time on a big --data file
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": model_name, "trainable": counts["trainable"], "total": counts["total"],
                "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
                "train_loss_first": losses[0], "train_loss_last": losses[-1], "merged_greedy_match": match}
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with atomic_destination(args.out / "results.json") as tmp:  # a crash leaves no half-written file
+        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0 if match else EXIT_MERGE_MISMATCH
 
 
