@@ -24,8 +24,7 @@ from typing import Any
 import jax
 
 from lora_jax.config import LoraConfig
-from lora_jax.lora_tree import get_module
-from lora_jax.targets import resolve_targets
+from lora_jax.targets import target_kernel_shapes
 
 
 def count_params(tree: Any) -> int:
@@ -39,11 +38,7 @@ def lora_param_count(params: Mapping[str, Any], config: LoraConfig) -> int:
     Raises:
         ValueError: As ``resolve_targets``.
     """
-    total = 0
-    for path in resolve_targets(params, config):
-        fan_in, fan_out = get_module(params, path)["kernel"].shape
-        total += config.rank * (fan_in + fan_out)
-    return total
+    return sum(config.rank * (fan_in + fan_out) for fan_in, fan_out in target_kernel_shapes(params, config).values())
 
 
 def trainable_summary(frozen: Any, lora: Any) -> dict[str, float]:

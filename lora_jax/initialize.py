@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
-from lora_jax.lora_tree import LORA_A, LORA_B, get_module, nest
-from lora_jax.targets import resolve_targets
+from lora_jax.lora_tree import LORA_A, LORA_B, nest
+from lora_jax.targets import target_kernel_shapes
 
 
 def a_init_bound(fan_in: int) -> float:
@@ -61,11 +61,10 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
     """
     if not isinstance(key, jax.Array):
         raise TypeError(f"key must be a JAX PRNG key such as jax.random.key(0), got {type(key).__name__}.")
-    paths = resolve_targets(params, config)
-    keys = jax.random.split(key, len(paths))
+    shapes = target_kernel_shapes(params, config)
+    keys = jax.random.split(key, len(shapes))
     entries = {}
-    for path, module_key in zip(paths, keys):
-        fan_in, fan_out = get_module(params, path)["kernel"].shape
+    for (path, (fan_in, fan_out)), module_key in zip(shapes.items(), keys):
         bound = a_init_bound(fan_in)
         entries[path] = {
             LORA_A: jax.random.uniform(module_key, (fan_in, config.rank), jnp.float32, -bound, bound),

@@ -41,8 +41,8 @@ import safetensors.numpy
 
 from lora_jax.atomic_files import atomic_write, atomic_write_text
 from lora_jax.config import LoraConfig
-from lora_jax.lora_tree import LORA_A, LORA_B, ModulePath, get_module, lora_modules, nest
-from lora_jax.targets import dotted_name, resolve_targets
+from lora_jax.lora_tree import LORA_A, LORA_B, ModulePath, lora_modules, nest
+from lora_jax.targets import dotted_name, target_kernel_shapes
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -229,8 +229,7 @@ def _module_of(key: str) -> tuple[ModulePath, str] | None:
 
 def _check_keys_and_shapes(shapes: Mapping[str, tuple[int, ...]], params: Mapping[str, Any], config: LoraConfig) -> None:
     expected = {}
-    for path in resolve_targets(params, config):
-        fan_in, fan_out = get_module(params, path)["kernel"].shape
+    for path, (fan_in, fan_out) in target_kernel_shapes(params, config).items():
         expected[peft_key(path, LORA_A)] = (config.rank, fan_in)
         expected[peft_key(path, LORA_B)] = (fan_out, config.rank)
     unexpected = sorted(set(shapes) - set(expected))

@@ -21,8 +21,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from lora_jax.config import LoraConfig
-
-ModulePath = tuple[str, ...]
+from lora_jax.lora_tree import ModulePath, get_module
 
 SUPPORTED_MODULES = "modules holding a 2-D 'kernel' (in, out) leaf, i.e. flax.linen.Dense"
 
@@ -145,3 +144,18 @@ def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[Modu
                 f"{dotted_name(path)!r} with kernel ({fan_in}, {fan_out}); lower the rank or drop that target."
             )
     return tuple(path for path, _ in matched)
+
+
+def target_kernel_shapes(params: Mapping[str, Any], config: LoraConfig) -> dict[ModulePath, tuple[int, int]]:
+    """``{path: (in, out)}``: the kernel shape of each module ``config`` targets, in tree order.
+
+    What ``init_lora``, ``lora_param_count`` and ``load_adapter`` size the LoRA factors from.
+
+    Raises:
+        ValueError: As ``resolve_targets``.
+
+    >>> import numpy as np
+    >>> target_kernel_shapes({"up": {"kernel": np.zeros((4, 8))}}, LoraConfig(rank=2, target_modules=["up"]))
+    {('up',): (4, 8)}
+    """
+    return {path: tuple(get_module(params, path)["kernel"].shape) for path in resolve_targets(params, config)}
