@@ -9,6 +9,7 @@ from torch import nn
 from lora_torch.layers import WRAPPER_FOR_TYPE, LoRAWrapper, check_lora_settings
 from lora_torch.targeting import (
     TargetModules,
+    check_layers_pattern,
     check_layers_to_transform,
     check_target_modules,
     module_is_targeted,
@@ -45,6 +46,21 @@ def targetable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return kept
 
 
+def select_modules(
+    model: nn.Module,
+    target_modules: TargetModules,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+) -> list[tuple[str, nn.Module]]:
+    """Returns the ``(name, module)`` pairs a target setting selects, possibly none.
+
+    >>> [name for name, _ in select_modules(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), ["1", "2"])]
+    ['1']
+    """
+    return [(name, module) for name, module in targetable_modules(model)
+            if name and module_is_targeted(name, target_modules, layers_to_transform, layers_pattern)]
+
+
 def find_target_modules(
     model: nn.Module,
     target_modules: TargetModules,
@@ -56,14 +72,14 @@ def find_target_modules(
     >>> [name for name, _ in find_target_modules(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "[0-9]")]
     ['0', '1']
     """
-    modules = targetable_modules(model)
-    matched = [(name, module) for name, module in modules
-               if name and module_is_targeted(name, target_modules, layers_to_transform, layers_pattern)]
+    matched = select_modules(model, target_modules, layers_to_transform, layers_pattern)
     if not matched:
-        candidates = [name for name, module in modules
+        candidates = [name for name, module in targetable_modules(model)
                       if isinstance(module, tuple(WRAPPER_FOR_TYPE) + (LoRAWrapper,))]
+        layers = f"layers_to_transform={layers_to_transform!r}" + (
+            "" if layers_pattern is None else f", layers_pattern={layers_pattern!r}")
         raise ValueError(
-            f"target_modules={target_modules!r} (layers_to_transform={layers_to_transform!r}) matched no module "
+            f"target_modules={target_modules!r} ({layers}) matched no module "
             f"of {type(model).__name__}. List entries match a module whose dotted name equals the entry or ends "
             f"in '.' + entry; a str is a regex fullmatched against the name. Candidate modules: "
             f"{summarize_names(candidates)}")
@@ -129,7 +145,8 @@ def inject_lora(
     Raises:
         ValueError: nothing matched (the message lists candidates), a module already has LoRA,
             or a setting is out of range.
-        TypeError: a matched module is neither ``nn.Linear`` nor ``Conv1D``.
+        TypeError: a matched module is neither ``nn.Linear`` nor ``Conv1D``, or ``target_modules``,
+            ``layers_to_transform`` or ``layers_pattern`` has the wrong type.
 
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> model = inject_lora(model, ["0", "2"], rank=2, lora_alpha=4.0, verbose=False)
@@ -138,6 +155,7 @@ def inject_lora(
     """
     check_target_modules(target_modules)
     check_layers_to_transform(layers_to_transform)
+    check_layers_pattern(layers_pattern)
     check_lora_settings(rank, lora_alpha, dropout)
     if isinstance(target_modules, str) and layers_to_transform is not None:
         raise ValueError("layers_to_transform does not apply to a regex target_modules (PEFT ignores it there); "

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lora_torch.inject import lora_wrappers, targetable_modules
+from lora_torch.inject import lora_wrappers, select_modules
 from lora_torch.layers import Conv1DWithLoRA, LoRAWrapper, check_lora_settings
 from lora_torch.targeting import (
     TargetModules,
+    check_layers_pattern,
     check_layers_to_transform,
     check_target_modules,
     layer_index,
-    module_is_targeted,
 )
 
 # Keys whose non-empty value means a feature lora_torch does not have; loading would change the model's
@@ -42,8 +42,7 @@ class AdapterSpec:
 
 
 def _selected(model: nn.Module, target_modules, layers_to_transform) -> set[str]:
-    return {name for name, _ in targetable_modules(model)
-            if name and module_is_targeted(name, target_modules, layers_to_transform)}
+    return {name for name, _ in select_modules(model, target_modules, layers_to_transform)}
 
 
 def describe_targets(names: Sequence[str], model: nn.Module) -> tuple[list[str], list[int] | None]:
@@ -142,6 +141,7 @@ def parse_adapter_config(config: dict, source: str) -> AdapterSpec:
     try:
         check_target_modules(target_modules)
         check_layers_to_transform(config.get("layers_to_transform"))
+        check_layers_pattern(config.get("layers_pattern"))
         check_lora_settings(rank, alpha, dropout)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: {err}") from err

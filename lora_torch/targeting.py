@@ -56,6 +56,23 @@ def check_layers_to_transform(layers_to_transform: object) -> None:
                         f"got {layers_to_transform!r}.")
 
 
+def check_layers_pattern(layers_pattern: object) -> None:
+    """Raises unless ``layers_pattern`` is None, a layer-list name or a list of names.
+
+    >>> check_layers_pattern("h"), check_layers_pattern(["h", "layers"])
+    (None, None)
+    >>> check_layers_pattern(["h", 0])
+    Traceback (most recent call last):
+    ...
+    TypeError: layers_pattern must be None, a layer-list name ("h" for GPT-2) or a list of them, got ['h', 0].
+    """
+    if layers_pattern is None or isinstance(layers_pattern, str):
+        return
+    if not isinstance(layers_pattern, (list, tuple)) or not all(isinstance(p, str) and p for p in layers_pattern):
+        raise TypeError(f'layers_pattern must be None, a layer-list name ("h" for GPT-2) or a list of them, '
+                        f"got {layers_pattern!r}.")
+
+
 def layer_index(name: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
     """Returns the layer index in a dotted module name, as PEFT finds it, or None.
 

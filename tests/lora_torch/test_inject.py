@@ -68,6 +68,13 @@ def test_layers_to_transform(tiny_model):
     ]
 
 
+def test_layers_pattern_names_the_layer_list(tiny_model):
+    with pytest.raises(ValueError, match=r"layers_pattern='blocks'\) matched no module"):
+        inject_lora(tiny_model, ["c_attn"], rank=2, layers_to_transform=[1], layers_pattern="blocks", verbose=False)
+    inject_lora(tiny_model, ["c_attn"], rank=2, layers_to_transform=[1], layers_pattern=["blocks", "h"], verbose=False)
+    assert lora_module_names(tiny_model) == ["transformer.h.1.attn.c_attn"]
+
+
 def test_regex_target(tiny_model):
     inject_lora(tiny_model, r"transformer\.h\.0\.(attn|mlp)\.c_proj", rank=2, verbose=False)
     assert lora_module_names(tiny_model) == ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj"]
@@ -118,6 +125,7 @@ def test_second_injection_into_other_modules_is_allowed(tiny_model):
     ({"layers_to_transform": [-1]}, TypeError, "layers_to_transform"),
     ({"target_modules": ".*c_attn", "layers_to_transform": [0]}, ValueError, "regex"),
     ({"target_modules": 3}, TypeError, "target_modules"),
+    ({"layers_to_transform": [0], "layers_pattern": ["h", 0]}, TypeError, "layers_pattern must be None"),
 ])
 def test_bad_arguments(tiny_model, kwargs, error, message):
     kwargs = {"target_modules": ["c_attn"], **kwargs}

@@ -114,6 +114,7 @@ def _edit_tensors(directory, edit):
     (lambda d: _edit_config(d, use_dora=True), ValueError, "use_dora"),
     (lambda d: _edit_config(d, peft_type="IA3"), ValueError, "peft_type"),
     (lambda d: _edit_config(d, r=4), ValueError, r"shape \(2, 32\), the model needs \(4, 32\)"),
+    (lambda d: _edit_config(d, layers_to_transform=[0], layers_pattern=7), ValueError, "layers_pattern must be None"),
     (lambda d: _edit_config(d, target_modules=["attn"]), TypeError, "unsupported type"),
     (lambda d: _edit_config(d, target_modules=["q_proj"]), ValueError, "matched no module"),
     (lambda d: (d / "adapter_model.safetensors").unlink(), FileNotFoundError, "adapter_model.safetensors"),
