@@ -230,16 +230,16 @@ def gpt2_chunked_lm_loss(model: Any, config: Any, *, chunk_size: int = 128) -> A
         >>> loss_fn(lora, params, {"input_ids": jnp.zeros((2, 5), jnp.int32)}, None).shape
         ()
     """
-    from lora_jax.forward import lora_apply  # imported here: the loss core above needs no LoRA code
+    # Imported here: the loss core above needs no LoRA code.
+    from lora_jax.forward import lora_apply
+    from lora_jax.losses import batch_fields
 
     forward = lora_apply(model.apply, config)
 
     def loss_fn(lora: Any, frozen: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None) -> jax.Array:
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise TypeError("batch must be a dict with 'input_ids' (B, T) and optionally 'mask' (B, T).")
-        hidden = forward(frozen, lora, batch["input_ids"], dropout_rng=rng, method="hidden")
+        input_ids, mask = batch_fields(batch)
+        hidden = forward(frozen, lora, input_ids, dropout_rng=rng, method="hidden")
         embedding = frozen["transformer"]["wte"]["embedding"]
-        return chunked_next_token_loss(hidden, embedding, batch["input_ids"], batch.get("mask"),
-                                       chunk_size=chunk_size)
+        return chunked_next_token_loss(hidden, embedding, input_ids, mask, chunk_size=chunk_size)
 
     return loss_fn

@@ -54,7 +54,12 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, mask: jax.Array | N
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _batch_fields(batch: Any) -> tuple[jax.Array, jax.Array | None]:
+def batch_fields(batch: Any) -> tuple[jax.Array, jax.Array | None]:
+    """``(input_ids, mask or None)`` of a batch dict; a clear TypeError for anything else.
+
+    >>> batch_fields({"input_ids": jnp.zeros((1, 2), jnp.int32)})[1] is None
+    True
+    """
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise TypeError(
             "batch must be a dict with 'input_ids' (B, T) and optionally 'mask' (B, T); "
@@ -74,7 +79,7 @@ def causal_lm_loss(apply_fn: Callable[..., jax.Array], config: LoraConfig) -> Lo
     forward = lora_apply(apply_fn, config)
 
     def loss_fn(lora: Any, frozen: Any, batch: Any, rng: jax.Array | None) -> jax.Array:
-        input_ids, mask = _batch_fields(batch)
+        input_ids, mask = batch_fields(batch)
         logits = forward(frozen, lora, input_ids, dropout_rng=rng)
         return next_token_loss(logits, input_ids, mask)
 

@@ -141,3 +141,14 @@ def test_gpt2_chunked_loss_matches_full_logits_loss_and_lora_gradient(tiny_gpt2_
         # gradients pass through 2 layers of float32 backprop: a little more rounding than the head alone
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
     assert float(jnp.abs(grad["transformer"]["h"]["0"]["attn"]["c_attn"]["lora_A"]).max()) > 0.0
+
+
+def test_gpt2_chunked_loss_rejects_a_batch_without_input_ids():
+    from lora_jax import LoraConfig
+    from lora_jax.chunked_loss import gpt2_chunked_lm_loss
+    from lora_jax.gpt2_model import GPT2, GPT2Config
+
+    loss_fn = gpt2_chunked_lm_loss(GPT2(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)),
+                                   LoraConfig(rank=2, target_modules=["c_attn"]))
+    with pytest.raises(TypeError, match=r"batch must be a dict with 'input_ids'.*got dict with keys \['ids'\]"):
+        loss_fn({}, {}, {"ids": jnp.zeros((1, 3), jnp.int32)}, None)
