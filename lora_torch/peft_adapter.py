@@ -73,16 +73,13 @@ def _read_adapter_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], str
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, LoRAWrapper):
-        return module.in_features, module.out_features
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (LoRAWrapper, nn.Linear)):
         return module.in_features, module.out_features
     return tuple(module.weight.shape)  # Conv1D stores (in, out)
 
 
-def _compatible_wrappers(model: nn.Module, spec: AdapterSpec, source: str) -> dict[str, LoRAWrapper]:
-    """Returns the existing wrappers when they match ``spec`` exactly; raises otherwise."""
-    existing = lora_wrappers(model)
+def _check_compatible(model: nn.Module, existing: dict[str, LoRAWrapper], spec: AdapterSpec, source: str) -> None:
+    """Raises unless the model's ``existing`` wrappers are exactly the ones ``spec`` describes."""
     selected = [name for name, _ in find_target_modules(model, spec.target_modules, spec.layers_to_transform,
                                                          spec.layers_pattern)]
     same_modules = sorted(selected) == sorted(existing)
@@ -91,7 +88,6 @@ def _compatible_wrappers(model: nn.Module, spec: AdapterSpec, source: str) -> di
     if not (same_modules and same_settings):
         raise ValueError(f"{source} does not match the LoRA already in the model (modules {sorted(existing)[:3]}..., "
                          f"rank/scaling of each); load it into the plain base model instead, or merge first.")
-    return existing
 
 
 def _expected_shapes(modules: dict[str, nn.Module], rank: int) -> dict[str, torch.Tensor]:
@@ -125,14 +121,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     directory = Path(directory)
     spec = parse_adapter_config(read_json(directory / CONFIG_NAME), str(directory / CONFIG_NAME))
     tensors, source = _read_adapter_tensors(directory)
-    if lora_wrappers(model):
-        modules = _compatible_wrappers(model, spec, source)
+    existing = lora_wrappers(model)
+    if existing:
+        _check_compatible(model, existing, spec, source)
+        modules = existing
     else:
         matched = find_target_modules(model, spec.target_modules, spec.layers_to_transform, spec.layers_pattern)
         check_wrappable(matched)
         modules = dict(matched)
     check_tensors_fit(_expected_shapes(modules, spec.rank), tensors, source)
-    if not lora_wrappers(model):
+    if not existing:
         inject_lora(model, spec.target_modules, spec.rank, spec.lora_alpha, dropout=spec.dropout,
                     use_rslora=spec.use_rslora, layers_to_transform=spec.layers_to_transform,
                     layers_pattern=spec.layers_pattern, verbose=False)
