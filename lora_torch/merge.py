@@ -74,9 +74,10 @@ def unmerge_lora_weights(model: nn.Module) -> nn.Module:
         ValueError: no merged layer kept its wrapper (nothing merged, or ``keep_for_unmerge=False``),
             or the model carries live LoRA wrappers (injected after the merge).
     """
-    if lora_wrappers(model):
+    live = list(lora_wrappers(model))
+    if live:
         # A kept layer may now sit inside a new wrapper; restoring it there would nest adapters.
-        raise ValueError(f"the model carries LoRA injected after the merge ({list(lora_wrappers(model))[:3]}...); "
+        raise ValueError(f"the model carries LoRA injected after the merge ({live[:3]}...); "
                          "merge_lora_weights(model) those first, then unmerge.")
     restorable = {name: module.__dict__[_UNMERGE_ATTR] for name, module in model.named_modules()
                   if _UNMERGE_ATTR in module.__dict__}
