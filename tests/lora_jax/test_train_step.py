@@ -43,6 +43,17 @@ def classification_loss(model):
     return loss_fn
 
 
+def combined_loss(model):
+    """The same loss over one combined tree: ``loss_fn(full, batch, rng)``."""
+    inner = classification_loss(model)
+
+    def loss_fn(full, batch, rng):
+        frozen, lo = split(full)
+        return inner(lo, frozen, batch, rng)
+
+    return loss_fn
+
+
 def shapes(tree):
     return {tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, "shape")}
 
@@ -75,12 +86,7 @@ def test_split_step_trains_lora_and_leaves_frozen_bit_identical(setup):
 
 def test_combined_tree_step_freezes_base_with_partition(setup):
     model, params, lora, batch = setup
-    inner = classification_loss(model)
-
-    def loss_fn(full, batch, rng):
-        frozen, lo = split(full)
-        return inner(lo, frozen, batch, rng)
-
+    loss_fn = combined_loss(model)
     tx = optax.adamw(1e-2, weight_decay=0.01)
     full = copy(combine(params, lora))  # combine shares leaves; donating them would delete params
     opt_state = lora_optimizer(tx).init(full)
@@ -97,13 +103,8 @@ def test_combined_tree_step_freezes_base_with_partition(setup):
 def test_optax_masked_alone_drifts_frozen_weights(setup):
     """The trap this library avoids: masked() passes the frozen leaves' raw gradients through."""
     model, params, lora, batch = setup
-    inner = classification_loss(model)
+    loss_fn = combined_loss(model)
     full = combine(params, lora)
-
-    def loss_fn(full, batch, rng):
-        frozen, lo = split(full)
-        return inner(lo, frozen, batch, rng)
-
     tx = optax.masked(optax.adam(1e-2), trainable_mask(full))
     opt_state = tx.init(full)
     grads = jax.jit(jax.grad(loss_fn))(full, batch, jax.random.key(0))
