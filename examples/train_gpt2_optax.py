@@ -251,7 +251,8 @@ def _describe(name: str, loss: float) -> str:
 
 
 class Job(NamedTuple):
-    """What the run trains on: the base model, its tokenizer, the texts and the LoRA config."""
+    """What the run trains on: the base model, its tokenizer, the texts, the LoRA config and the settings
+    a resumed run must share (``run_config``, hashed once)."""
 
     model_dir: Path
     model: GPT2
@@ -261,6 +262,7 @@ class Job(NamedTuple):
     heldout_ids: np.ndarray
     eval_windows: tuple[np.ndarray, np.ndarray]
     lora_config: LoraConfig
+    settings: dict[str, Any]
 
 
 def prepare(args: argparse.Namespace) -> Job:
@@ -275,7 +277,8 @@ def prepare(args: argparse.Namespace) -> Job:
     lora_config = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                              target_modules=[t.strip() for t in args.targets.split(",") if t.strip()])
     model = GPT2(config, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
-    return Job(Path(model_dir), model, frozen, tokenizer, train_ids, heldout_ids, windows, lora_config)
+    settings = run_config(args, str(Path(model_dir).resolve()), train_ids)
+    return Job(Path(model_dir), model, frozen, tokenizer, train_ids, heldout_ids, windows, lora_config, settings)
 
 
 def train(args: argparse.Namespace, job: Job) -> tuple[TrainState, Any]:
@@ -285,15 +288,14 @@ def train(args: argparse.Namespace, job: Job) -> tuple[TrainState, Any]:
     lora = init_lora(job.frozen, job.lora_config, jax.random.fold_in(key, 0))
     optimizer = tuple((k, getattr(args, k)) for k in OPTIMIZER_FLAGS)
     tx, step_fn, eval_fn = compiled_programs(job.model, job.lora_config, optimizer)
-    settings = run_config(args, str(job.model_dir.resolve()), job.train_ids)
     ckpt_root = args.out / "checkpoints"
     fresh = TrainState(0, lora, tx.init(lora), key, 0, (), ())
-    state = _start_state(args, ckpt_root, fresh, settings,
+    state = _start_state(args, ckpt_root, fresh, job.settings,
                          lambda lo: heldout_loss(eval_fn, lo, job.frozen, job.eval_windows, args.batch_size))
     print(_describe("base model", state.evals[0][1]))
     frozen, state, place_batch = place_on_mesh(args.mesh, job.frozen, state)
     evaluate = lambda lo: heldout_loss(eval_fn, lo, frozen, job.eval_windows, args.batch_size)  # noqa: E731
-    save = lambda s: save_checkpoint(ckpt_root, s, settings)  # noqa: E731
+    save = lambda s: save_checkpoint(ckpt_root, s, job.settings)  # noqa: E731
     return train_loop(args, step_fn, state, frozen, sampler, evaluate, save, place_batch), frozen
 
 
@@ -310,11 +312,10 @@ def finish(args: argparse.Namespace, job: Job, state: TrainState, frozen: Any) -
     for when, text in samples.items():
         print(f"--- sample {when} ---\n{text}")
     plot_losses(args.out / "loss.png", state.losses, state.evals, title=f"LoRA r={args.rank} on {job.model_dir.name}")
-    settings = run_config(args, str(job.model_dir.resolve()), job.train_ids)
     return {
         "model": str(job.model_dir) if args.model else f"embedded base ({job.model_dir.name})",
         "data": str(args.data or "embedded target text"),
-        "settings": {k: v for k, v in settings.items() if k != "model"},
+        "settings": {k: v for k, v in job.settings.items() if k != "model"},
         "params": trainable_summary(frozen, state.lora),
         "train_tokens": int(len(job.train_ids)), "heldout_tokens_evaluated": int(job.eval_windows[0].size),
         "base_heldout_loss": base_loss, "base_heldout_perplexity": math.exp(base_loss),
