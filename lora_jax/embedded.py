@@ -109,6 +109,7 @@ def _build_into(model_dir: Path, settings: BaseSettings, config: GPT2Config, pro
         config, ids[:cut], batch_size=settings.batch_size, steps=settings.steps,
         learning_rate=settings.learning_rate, seed=settings.seed, progress=progress,
     )  # fmt: skip
+    target_train, target_heldout = target_corpus()
     eot = tokenizer.token_to_id(END_OF_TEXT)
     save_gpt2(params, config, model_dir, extra_config={"bos_token_id": eot, "eos_token_id": eot})
     tokenizer.save(str(model_dir / "tokenizer.json"))
@@ -117,12 +118,12 @@ def _build_into(model_dir: Path, settings: BaseSettings, config: GPT2Config, pro
         "format_version": FORMAT_VERSION,
         "settings": dataclasses.asdict(settings),
         "base_corpus": {"source": "pydoc_data.topics", "sha256": text_sha256(text), "tokens": int(len(ids))},
-        "target_corpus": {"source": str(target_path()), "sha256": text_sha256("".join(target_corpus()))},
+        "target_corpus": {"source": str(target_path()), "sha256": text_sha256(target_train + target_heldout)},
         "final_train_loss": float(np.mean(losses[-max(1, len(losses) // 20) :])),  # last 5% of steps
         # Losses in nats per token of this tokenizer; the target text should score clearly worse.
         "base_heldout_loss": _loss_or_none(config, params, ids[cut:]),
-        "target_train_loss": _loss_or_none(config, params, _encode(tokenizer, target_corpus()[0])),
-        "target_heldout_loss": _loss_or_none(config, params, _encode(tokenizer, target_corpus()[1])),
+        "target_train_loss": _loss_or_none(config, params, _encode(tokenizer, target_train)),
+        "target_heldout_loss": _loss_or_none(config, params, _encode(tokenizer, target_heldout)),
     }
     metadata["build_seconds"] = round(time.perf_counter() - started, 1)  # tokenizer + training + evaluation
     (model_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
