@@ -8,6 +8,7 @@ and the next stage still runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ class _Stages:
     def adapted(self, use_rslora: bool | None = None) -> AdaptedPair:
         """The pair adapted with the suite's config; ``use_rslora`` flips only the scaling, same A and B."""
         if None not in self._adapted:
-            config, lora = self._config_and_lora()
+            config, lora = self.config_and_lora
             self._adapted[None] = adapt(self.pair, config, seed=self.settings.seed, lora=lora)
         main = self._adapted[None]
         if use_rslora is None or use_rslora == main.config.use_rslora:
@@ -126,11 +127,12 @@ class _Stages:
             self._adapted[use_rslora] = adapt(self.pair, config, lora=main.lora)
         return self._adapted[use_rslora]
 
-    def lora_config(self) -> Any:
-        """The effective LoRA config of stages 3-7."""
-        return self._config_and_lora()[0]
+    @functools.cached_property
+    def config_and_lora(self) -> tuple[Any, Any]:
+        """The effective LoRA config of stages 3-7, and the ``--adapter``'s LoRA tree (None without one).
 
-    def _config_and_lora(self) -> tuple[Any, Any]:
+        Cached: the adapter is read from disk once per run, not once per stage.
+        """
         if self.settings.adapter is None:
             return self.settings.lora_config(), None
         lora, config = self.pair.impl.jax_load_adapter(Path(self.settings.adapter), self.pair.jax_params)
@@ -146,7 +148,7 @@ class _Stages:
     def _injection(self) -> StageResult:
         s = self.settings
         specs = injection_specs(self.pair.hf_config["n_layer"], rank=s.rank, alpha=s.alpha, use_rslora=s.use_rslora)
-        main = self._config_and_lora()[0]
+        main = self.config_and_lora[0]
         if main not in specs:  # --targets/--adapter settings beyond the five standard specs
             specs.append(main)
         rows = []
@@ -208,7 +210,7 @@ def run_suite(pair: ModelPair, settings: SuiteSettings | None = None, *, command
                 arrays.update(result.arrays)
     environment = describe_environment(pair.placement.name, pair.placement.description, pair.dtype)
     try:
-        lora_settings = describe_lora(stages.lora_config())
+        lora_settings = describe_lora(stages.config_and_lora[0])
     except Exception as error:  # the stages already reported it as failed rows
         lora_settings = {"lora": f"unavailable ({type(error).__name__})"}
     described = {"model": str(pair.model_dir), **lora_settings, **settings.describe()}

@@ -84,3 +84,20 @@ def test_suite_checks_a_given_peft_adapter_with_its_own_config(tiny_pair, tmp_pa
     assert any(row.name == "trainable params [c_fc]" and row.detail == "640 vs 640" for row in report.rows)
     assert any("s=1.5" in row.name for row in report.rows)  # alpha / r = 3 / 2 from adapter_config.json
     assert report.settings["rank"] == 2 and report.settings["targets"] == "c_fc"
+
+
+def test_adapter_is_read_once_per_run(tiny_pair, tmp_path):
+    from lora_torch import inject_lora, save_adapter
+
+    adapter = save_adapter(inject_lora(tiny_pair.torch_copy(), ["c_attn"], rank=2, verbose=False), tmp_path / "a")
+    loads = []
+
+    def counting_load(adapter_dir, params):
+        loads.append(adapter_dir)
+        return tiny_pair.impl.jax_load_adapter(adapter_dir, params)
+
+    pair = tiny_pair.with_impl(jax_load_adapter=counting_load)
+    report = run_suite(pair, SuiteSettings(adapter=adapter, checks=("injection", "forward_delta")))
+    # The injection stage, the adapted pair and the report header all need the adapter's config.
+    assert loads == [adapter]
+    assert report.settings["targets"] == "c_attn" and report.settings["rank"] == 2
