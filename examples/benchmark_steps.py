@@ -152,20 +152,27 @@ def _jax_step_fns(w: Workload, training: str, chunked: bool, remat: bool = False
     return step, init_state, batch
 
 
+def xla_memory_plan_mib(compiled) -> dict[str, float] | None:
+    """XLA's per-device memory plan of a compiled step, in MiB (``None`` where the backend has none).
+
+    Keys ``argument``, ``output``, ``temp`` and ``alias`` (outputs written into donated arguments), and
+    ``peak`` = arguments + outputs + temporaries - aliased.
+    """
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    plan = {"argument": mem.argument_size_in_bytes / 2**20, "output": mem.output_size_in_bytes / 2**20,
+            "temp": mem.temp_size_in_bytes / 2**20, "alias": mem.alias_size_in_bytes / 2**20}
+    plan["peak"] = plan["argument"] + plan["output"] + plan["temp"] - plan["alias"]
+    return plan
+
+
 def _xla_analysis(compiled) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    mem = compiled.memory_analysis()
     # XLA counts a while loop's body once, not once per trip: the chunked loss's scan is undercounted.
     info = {"xla_flops_per_step": float(cost.get("flops", 0.0))}
-    if mem is not None:
-        info.update({
-            "xla_argument_mb": mem.argument_size_in_bytes / 2**20,
-            "xla_output_mb": mem.output_size_in_bytes / 2**20,
-            "xla_temp_mb": mem.temp_size_in_bytes / 2**20,
-            "xla_alias_mb": mem.alias_size_in_bytes / 2**20,
-        })
-        info["xla_peak_mb"] = info["xla_argument_mb"] + info["xla_output_mb"] + info["xla_temp_mb"] - info["xla_alias_mb"]
+    info.update({f"xla_{key}_mb": mib for key, mib in (xla_memory_plan_mib(compiled) or {}).items()})
     return info
 
 

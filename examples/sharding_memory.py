@@ -48,7 +48,8 @@ from lora_jax.gpt2_model import GPT2, gpt2_xl, init_gpt2_params  # noqa: E402
 from lora_jax.sharding import make_mesh, shard_train_step, train_shardings  # noqa: E402
 from lora_torch.tensor_files import atomic_destination  # noqa: E402
 
-TARGETS = ["c_attn", "c_proj", "c_fc"]
+sys.path.insert(0, os.path.dirname(__file__))  # sibling module when run as a script
+from benchmark_steps import TARGETS, xla_memory_plan_mib  # noqa: E402
 
 
 def _with_shardings(tree, shardings):
@@ -75,14 +76,8 @@ def step_memory(spec: str, args: argparse.Namespace, devices: list) -> dict:
     compiled = step.lower(_with_shardings(lora, sh.lora), _with_shardings(opt_state, sh.opt_state),
                           _with_shardings(frozen, sh.frozen), batch,
                           jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)).compile()
-    mem = compiled.memory_analysis()
-    mib = lambda n: n / 2**20  # noqa: E731
-    row = {
-        "mesh": spec, "devices": mesh.size, "compile_s": time.perf_counter() - t0,
-        "argument_mib": mib(mem.argument_size_in_bytes), "output_mib": mib(mem.output_size_in_bytes),
-        "temp_mib": mib(mem.temp_size_in_bytes), "alias_mib": mib(mem.alias_size_in_bytes),
-    }
-    row["peak_mib"] = row["argument_mib"] + row["output_mib"] + row["temp_mib"] - row["alias_mib"]
+    row = {"mesh": spec, "devices": mesh.size, "compile_s": time.perf_counter() - t0}
+    row.update({f"{key}_mib": mib for key, mib in xla_memory_plan_mib(compiled).items()})
     print(f"{spec:>16}: arguments {row['argument_mib']:.0f}, temporaries {row['temp_mib']:.0f}, "
           f"peak {row['peak_mib']:.0f} MiB per device ({row['compile_s']:.0f}s to compile)", flush=True)
     return row
