@@ -15,6 +15,7 @@ import optax
 from tqdm.auto import tqdm
 
 from lora_jax.gpt2_model import GPT2, GPT2Config, Params, init_gpt2_params
+from lora_jax.text_data import window_count
 
 
 def _window_loss(model: GPT2, params: Params, windows: jax.Array) -> jax.Array:
@@ -101,9 +102,11 @@ def mean_token_loss(model: GPT2, params: Params, ids: np.ndarray, *, batch_size:
     windows that do not fill a last batch, and a ragged tail shorter than a window, are dropped.
     """
     span = model.config.n_positions + 1
-    count = (len(ids) - 1) // (span - 1)
+    count = window_count(len(ids), span - 1)
     if count < 1:
-        raise ValueError(f"Need more than {span} tokens to evaluate, got {len(ids)}.")
+        raise ValueError(
+            f"Need at least n_positions + 1 = {span} tokens to evaluate one window, got {len(ids)}; pass more text."
+        )
     batch = min(batch_size, count)
     n_batches = count // batch
     windows = np.stack([ids[i * (span - 1) : i * (span - 1) + span] for i in range(n_batches * batch)])
