@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GPT-2 checkpoint directory or hub id (default: the project's embedded base)")
     parser.add_argument("--adapter", default=None,
                         help="PEFT LoRA adapter directory to check instead of random A/B (its config sets targets, "
-                             "rank, alpha, rsLoRA)")
+                             "rank, alpha, rsLoRA, layers)")
     parser.add_argument("--targets", default=None,
                         help="comma-separated module names (default c_attn,c_proj), or re:REGEX for a regex")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default 4)")
@@ -77,7 +77,7 @@ def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
     if args.adapter is not None:
         given = [f"--{flag}" for flag in _LORA_FLAGS if getattr(args, flag) is not None]
         if given:
-            raise ValueError(f"--adapter takes targets, rank, alpha and rsLoRA from its adapter_config.json; "
+            raise ValueError(f"--adapter takes targets, rank, alpha, rsLoRA and layers from its adapter_config.json; "
                              f"drop {', '.join(given)}.")
     lora = {}
     if args.targets is not None:

@@ -61,6 +61,8 @@ def test_cli_exits_1_when_a_check_fails_on_an_untrained_adapter(tiny_gpt2_dir, t
     (["--steps", "0"], "steps must be an int >= 1"),
     (["--checks", "base_forward,merged"], "Unknown or no checks ['merged']"),
     (["--adapter", "/x", "--rank", "8"], "drop --rank"),
+    (["--adapter", "/x", "--layers", "0", "--rslora"], "rsLoRA and layers from its adapter_config.json; "
+                                                        "drop --rslora, --layers."),
     (["--targets", "re:(unclosed"], "is read as a regex, and it does not compile"),
 ])
 def test_cli_bad_input_exits_2_with_a_clear_message(args, message, capsys):
