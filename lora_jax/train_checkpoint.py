@@ -205,7 +205,15 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
         raise FileNotFoundError(f"No {MANIFEST_FILE} in {path}: not a checkpoint directory.")
-    manifest = json.loads(file.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{file} is not valid JSON ({err}); the checkpoint is damaged. Resume from an older "
+            "checkpoint directory or start a fresh run with a new --out."
+        ) from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(manifest).__name__}; the checkpoint is damaged.")
     if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
         raise CheckpointMismatchError(
             f"{file} has format {manifest.get('format')!r} version {manifest.get('version')!r}; this code "

@@ -147,3 +147,13 @@ def test_unknown_format_version_is_rejected(tmp_path):
 def test_keep_below_one_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         save_checkpoint(tmp_path, _state(), CONFIG, keep=0)
+
+
+def test_damaged_manifest_raises_a_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path, _state(), CONFIG)
+    (path / tc.MANIFEST_FILE).write_text('{"format": "lora-parity-tr', encoding="utf-8")  # cut off mid-write
+    with pytest.raises(ValueError, match=r"manifest\.json is not valid JSON .*damaged.*new --out"):
+        restore_checkpoint(path, _state(), CONFIG)
+    (path / tc.MANIFEST_FILE).write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="must hold a JSON object, got list"):
+        tc.read_manifest(path)
