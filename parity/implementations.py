@@ -42,11 +42,10 @@ def inject_torch(model, config):
     """
     from lora_torch import freeze_base_model, inject_lora
 
-    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
-    layers = None if config.layers_to_transform is None else list(config.layers_to_transform)
-    pattern = list(config.layers_pattern) if isinstance(config.layers_pattern, tuple) else config.layers_pattern
-    inject_lora(model, targets, config.rank, config.alpha, dropout=config.dropout, use_rslora=config.use_rslora,
-                layers_to_transform=layers, layers_pattern=pattern, verbose=False)
+    # LoraConfig stores lists as tuples; inject_lora takes tuples as they are.
+    inject_lora(model, config.target_modules, config.rank, config.alpha, dropout=config.dropout,
+                use_rslora=config.use_rslora, layers_to_transform=config.layers_to_transform,
+                layers_pattern=config.layers_pattern, verbose=False)
     return freeze_base_model(model)
 
 
