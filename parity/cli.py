@@ -72,8 +72,11 @@ def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
     """The :class:`SuiteSettings` an argument namespace asks for.
 
     Raises:
-        ValueError: Conflicting or malformed flags (e.g. ``--adapter`` with ``--rank``).
+        ValueError: Conflicting or malformed flags (e.g. ``--adapter`` with ``--rank``, ``--section``
+            without ``--markdown``).
     """
+    if args.section is not None and args.markdown is None:
+        raise ValueError(f"--section {args.section} replaces a section of a Markdown page; add --markdown PAGE.md.")
     if args.adapter is not None:
         given = [f"--{flag}" for flag in _LORA_FLAGS if getattr(args, flag) is not None]
         if given:

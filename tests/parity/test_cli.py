@@ -64,6 +64,7 @@ def test_cli_exits_1_when_a_check_fails_on_an_untrained_adapter(tiny_gpt2_dir, t
     (["--adapter", "/x", "--layers", "0", "--rslora"], "rsLoRA and layers from its adapter_config.json; "
                                                         "drop --rslora, --layers."),
     (["--targets", "re:(unclosed"], "is read as a regex, and it does not compile"),
+    (["--section", "cpu"], "--section cpu replaces a section of a Markdown page; add --markdown PAGE.md."),
 ])
 def test_cli_bad_input_exits_2_with_a_clear_message(args, message, capsys):
     if args[:2] == ["--device", "gpu"] and torch.cuda.is_available():
