@@ -58,8 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory-table", action="store_true", help="skip the compile-only remat memory table")
     p.add_argument("--out", default=None, help="output prefix (default docs/benchmark_<device>)")
     args = p.parse_args(argv)
+    # batch, seq and layers default to None; a 0 must not fall back to the default silently.
     too_small = [f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}"
-                 for n in ("steps", "warmup", "threads", "chunk_size") if getattr(args, n) < 1]
+                 for n in ("steps", "warmup", "threads", "chunk_size", "batch", "seq", "layers")
+                 if getattr(args, n) is not None and getattr(args, n) < 1]
     if too_small:
         p.error("; ".join(too_small))  # exit code 2, like argparse's own errors
     return args

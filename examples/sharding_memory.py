@@ -20,7 +20,7 @@ import sys
 import time
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
     p.add_argument("--meshes", nargs="+", default=["data=8", "data=4,fsdp=2", "data=2,fsdp=4", "fsdp=8"])
@@ -28,7 +28,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--layers", type=int, default=None, help="override n_layer (quick runs)")
     p.add_argument("--out", default=None, help="JSON output path")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    too_small = [f"--{n} must be >= 1, got {getattr(args, n)}" for n in ("devices", "batch", "seq", "layers")
+                 if getattr(args, n) is not None and getattr(args, n) < 1]
+    if too_small:
+        p.error("; ".join(too_small))  # before jax is imported with a device count it cannot honour
+    return args
 
 
 ARGS = parse_args() if __name__ == "__main__" else None

@@ -107,6 +107,9 @@ def test_unknown_implementation_is_refused_before_any_work(capsys):
 def test_non_positive_counts_are_refused_with_every_reason(capsys):
     example = load_example("compare_implementations")
     with pytest.raises(SystemExit) as exit_info:
-        example.parse_args(["--steps", "0", "--chunk-size", "-1"])
+        example.parse_args(["--steps", "0", "--chunk-size", "-1", "--layers", "0"])
     assert exit_info.value.code == 2
-    assert "--steps must be >= 1, got 0; --chunk-size must be >= 1, got -1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # --layers 0 used to mean "the preset's depth" (a falsy override); now it is refused like the others.
+    assert "--steps must be >= 1, got 0; --chunk-size must be >= 1, got -1; --layers must be >= 1, got 0" in err
+
