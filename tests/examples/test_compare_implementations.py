@@ -112,4 +112,3 @@ def test_non_positive_counts_are_refused_with_every_reason(capsys):
     err = capsys.readouterr().err
     # --layers 0 used to mean "the preset's depth" (a falsy override); now it is refused like the others.
     assert "--steps must be >= 1, got 0; --chunk-size must be >= 1, got -1; --layers must be >= 1, got 0" in err
-
