@@ -7,6 +7,7 @@ PEFT's directory format is a separate pair of functions in ``lora_torch.peft_ada
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -69,7 +70,8 @@ def save_lora_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, to
     Returns:
         The saved tensors, by parameter name.
     """
-    if os.fspath(path).endswith((".pt", ".pth", ".bin")):
+    # load_lora_weights picks the reader by suffix, so any other name would save a file it refuses.
+    if Path(path).suffix != ".safetensors":
         raise ValueError(f"save_lora_weights writes safetensors; name the file *.safetensors, not {path}.")
     tensors = {name: param.detach() for name, param in _lora_state(model).items()}
     size = write_safetensors(tensors, path)

@@ -124,3 +124,11 @@ def test_missing_file_and_model_without_lora(tiny_gpt2_dir, saved, tmp_path):
     model = inject_lora(plain, TARGETS, rank=4, verbose=False)
     with pytest.raises(FileNotFoundError):
         load_lora_weights(model, tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("name", ["lora.pt", "lora.npz", "lora"])
+def test_save_refuses_a_name_load_would_not_read(tiny_model, tmp_path, name):
+    inject_lora(tiny_model, TARGETS, rank=4, verbose=False)
+    with pytest.raises(ValueError, match=r"writes safetensors; name the file \*\.safetensors"):
+        save_lora_weights(tiny_model, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
