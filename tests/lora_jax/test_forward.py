@@ -1,22 +1,17 @@
 """The interception forward on a non-GPT-2 model and on GPT-2: values, factorisation, remat, bf16, dropout."""
 
-import sys
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_model import Encoder, init_encoder, random_ids, with_random_b  # noqa: E402
-
 from lora_jax.config import LoraConfig
 from lora_jax.forward import lora_apply, lora_branch, lora_interception
 from lora_jax.gpt2_model import GPT2, GPT2Config, init_gpt2_params
 from lora_jax.initialize import init_lora
 from lora_jax.merge import merge
+from tests.lora_jax.encoder_model import Encoder, init_encoder, random_ids, with_random_b
 
 CONFIG = LoraConfig(rank=4, alpha=8.0, target_modules=["query", "value", "ffn_out", "head"])
 

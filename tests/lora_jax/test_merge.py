@@ -1,19 +1,14 @@
 """merge / unmerge with non-zero B: exact formula, forward equality, round trip, validation."""
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_model import Encoder, init_encoder, with_random_b  # noqa: E402
-
 from lora_jax.config import LoraConfig
 from lora_jax.initialize import init_lora
 from lora_jax.merge import lora_delta, merge, unmerge
+from tests.lora_jax.encoder_model import Encoder, init_encoder, with_random_b
 
 CONFIG = LoraConfig(rank=3, alpha=5.0, target_modules=["key", "ffn_in", "head"], use_rslora=True)
 

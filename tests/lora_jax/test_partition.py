@@ -1,17 +1,12 @@
 """split / combine are exact inverses; trainable_mask marks LoRA leaves only."""
 
-import sys
-from pathlib import Path
-
 import jax
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_model import Encoder, init_encoder  # noqa: E402
 
 from lora_jax.config import LoraConfig
 from lora_jax.initialize import init_lora
 from lora_jax.partition import combine, split, trainable_labels, trainable_mask
+from tests.lora_jax.encoder_model import Encoder, init_encoder
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """PEFT adapter directories, checked against the real peft + transformers on a saved tiny GPT-2."""
 
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,15 +11,13 @@ import safetensors.numpy
 import torch
 from transformers import GPT2LMHeadModel
 
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_model import with_random_b  # noqa: E402
-
 from lora_jax.config import LoraConfig
 from lora_jax.forward import lora_apply
 from lora_jax.gpt2_loading import load_gpt2
 from lora_jax.gpt2_model import GPT2
 from lora_jax.initialize import init_lora
 from lora_jax.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
+from tests.lora_jax.encoder_model import with_random_b
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 IDS = np.array([[5, 17, 99, 3, 42, 0, 7, 64], [1, 2, 3, 4, 5, 6, 7, 8]])

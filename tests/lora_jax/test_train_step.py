@@ -1,22 +1,17 @@
 """Training updates LoRA only: frozen params bit-identical, no optimizer state for them, and the optax.masked trap."""
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from encoder_model import Encoder, init_encoder, random_ids  # noqa: E402
-
 from lora_jax.config import LoraConfig
 from lora_jax.forward import lora_apply
 from lora_jax.initialize import init_lora
 from lora_jax.partition import combine, split, trainable_mask
 from lora_jax.train_step import lora_optimizer, make_combined_train_step, make_train_step
+from tests.lora_jax.encoder_model import Encoder, init_encoder, random_ids
 
 CONFIG = LoraConfig(rank=2, alpha=4.0, target_modules=["query", "value", "head"], dropout=0.1)
 STEPS = 20
