@@ -20,6 +20,7 @@ import numpy as np
 
 from lora_jax.atomic_files import atomic_write, atomic_write_text
 from lora_jax.gpt2_model import GPT2Config, Params
+from lora_jax.lora_tree import nest
 
 _PREFIX = "transformer."
 # Buffers HF may store: the causal mask and its fill value, rebuilt by every model.
@@ -70,12 +71,7 @@ def load_gpt2(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float32) ->
     model_dir = resolve_model_dir(path_or_hub_id)
     config = GPT2Config.from_hf(model_dir)
     tensors = _checked_tensors(_read_weights(model_dir), config)
-    params: dict[str, Any] = {}
-    for key, (path, _) in hf_layout(config).items():
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = jnp.asarray(tensors[key], dtype=dtype)
+    params = nest({path: jnp.asarray(tensors[key], dtype=dtype) for key, (path, _) in hf_layout(config).items()})
     return config, params
 
 
