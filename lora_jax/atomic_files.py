@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "fsync_path"]
 
 
 def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -35,15 +35,20 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> N
     os.close(handle)
     try:
         write(temp_name)
-        handle = os.open(temp_name, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
+        fsync_path(temp_name)
         os.replace(temp_name, target)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flushes a file, or a directory's entries (after a rename in it), to disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:

@@ -42,6 +42,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lora_jax.atomic_files import fsync_path
+
 FORMAT_NAME = "lora-parity-train-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -112,14 +114,6 @@ def _json_roundtrip(config: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(config), sort_keys=True))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
     """Complete checkpoint directories under ``root``, oldest step first."""
     root = Path(root)
@@ -154,8 +148,7 @@ def _write_into(tmp: Path, state: TrainState, run_config: Mapping[str, Any]) -> 
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    with open(tmp / TENSORS_FILE, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_path(tmp / TENSORS_FILE)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -192,7 +185,7 @@ def save_checkpoint(root: str | os.PathLike, state: TrainState, run_config: Mapp
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(final, aside)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
