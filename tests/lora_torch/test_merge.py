@@ -69,7 +69,7 @@ def test_unmerge_restores_base_exactly(tiny_model, token_ids, randomize_lora, sn
     assert torch.equal(unmerged_logits, lora_logits)
 
 
-def test_merged_state_dict_is_plain(tiny_model, tiny_gpt2_dir, randomize_lora):
+def test_merged_state_dict_is_plain(tiny_model, tiny_gpt2_dir):
     from transformers import GPT2LMHeadModel
     plain_keys = list(GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).state_dict())
     inject_lora(tiny_model, TARGETS, rank=4, verbose=False)
