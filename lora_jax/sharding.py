@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -102,13 +103,15 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | Non
         >>> dict(make_mesh("data=1").shape)
         {'data': 1, 'fsdp': 1}
     """
-    sizes = parse_mesh_spec(spec) if isinstance(spec, str) else parse_mesh_spec(
-        ",".join(f"{k}={v}" for k, v in dict(spec).items()))
+    if not isinstance(spec, str):  # a mapping gets the same validation as a spec string
+        spec = ",".join(f"{axis}={size}" for axis, size in dict(spec).items())
+    sizes = parse_mesh_spec(spec)
     devices = list(jax.devices() if devices is None else devices)
     shape = tuple(sizes[axis] for axis in MESH_AXES)
-    if int(np.prod(shape)) != len(devices):
+    needed = math.prod(shape)
+    if needed != len(devices):
         raise ValueError(
-            f"Mesh {sizes} needs {int(np.prod(shape))} devices but {len(devices)} are available. "
+            f"Mesh {sizes} needs {needed} devices but {len(devices)} are available. "
             "Make the sizes multiply to the device count; on CPU you can simulate N devices with "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N set before jax is imported."
         )
