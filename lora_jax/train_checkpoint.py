@@ -223,11 +223,15 @@ def _config_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[
 def _check_tensors(path: Path, manifest: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
     want = {name: _spec(leaf) for name, leaf in expected.items()}
     with safe_open(path / TENSORS_FILE, framework="np") as f:
-        stored_names = set(f.keys())
+        # Shapes from the file's own header too: a manifest that disagrees with it must not pass.
+        file_shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    stored_names = set(file_shapes)
     problems = [f"missing tensor {n}" for n in sorted(set(want) - stored_names)]
     problems += [f"unexpected tensor {n}" for n in sorted(stored_names - set(want))]
     problems += [f"{n}: checkpoint {manifest['tensors'].get(n)}, expected {spec}"
                  for n, spec in sorted(want.items()) if n in stored_names and manifest["tensors"].get(n) != spec]
+    problems += [f"{n}: {TENSORS_FILE} holds shape {file_shapes[n]}, expected {spec['shape']}"
+                 for n, spec in sorted(want.items()) if n in stored_names and file_shapes[n] != spec["shape"]]
     if problems:
         raise CheckpointMismatchError(
             f"Checkpoint {path} does not fit this run's state:\n  " + "\n  ".join(problems[:20])

@@ -157,3 +157,14 @@ def test_damaged_manifest_raises_a_clear_error(tmp_path):
     (path / tc.MANIFEST_FILE).write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(ValueError, match="must hold a JSON object, got list"):
         tc.read_manifest(path)
+
+
+def test_tensor_file_that_disagrees_with_its_manifest_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = save_checkpoint(tmp_path, _state(), CONFIG)
+    arrays = load_file(path / tc.TENSORS_FILE)
+    arrays["rng_key"] = np.zeros(3, np.uint32)  # the manifest still says shape [2]
+    save_file(arrays, path / tc.TENSORS_FILE)
+    with pytest.raises(CheckpointMismatchError, match=r"rng_key: state\.safetensors holds shape \[3\], expected \[2\]"):
+        restore_checkpoint(path, _state(), CONFIG)
