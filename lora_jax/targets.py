@@ -98,10 +98,14 @@ def _check_params_root(params: Any) -> None:
 
 
 def _selected(path: ModulePath, config: LoraConfig) -> bool:
-    if not name_matches(dotted_name(path), config.target_modules):
+    name = dotted_name(path)
+    if not name_matches(name, config.target_modules):
         return False
-    # PEFT drops a name-matched module whose layer index is missing or not listed.
-    return config.layers_to_transform is None or layer_index(path, config.layers_pattern) in config.layers_to_transform
+    if config.layers_to_transform is None or (not isinstance(config.target_modules, str) and name in config.target_modules):
+        # As in PEFT (and lora_torch), a module named in full is taken whatever its layer.
+        return True
+    # PEFT drops a suffix-matched module whose layer index is missing or not listed.
+    return layer_index(path, config.layers_pattern) in config.layers_to_transform
 
 
 def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[ModulePath, ...]:

@@ -17,6 +17,7 @@ from lora_jax.gpt2_loading import load_gpt2
 from lora_jax.gpt2_model import GPT2
 from lora_jax.initialize import init_lora
 from lora_jax.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
+from lora_jax.targets import dotted_name, resolve_targets
 from tests.lora_jax.encoder_model import with_random_b
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -153,3 +154,16 @@ def test_unsupported_peft_features_are_refused(gpt2, saved):
 def test_missing_directory(gpt2, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(tmp_path / "nowhere", gpt2[1])
+
+
+def test_full_names_escape_layers_to_transform_as_in_peft(gpt2, tiny_gpt2_dir):
+    # PEFT filters only suffix matches by layer; a module named in full is adapted whatever its layer.
+    _, params = gpt2
+    targets, layers = ["transformer.h.0.attn.c_attn", "c_fc"], [1]
+    base = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=targets, layers_to_transform=layers,
+                                                           fan_in_fan_out=True))
+    peft_names = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A"))
+    jax_names = sorted(dotted_name(p) for p in resolve_targets(
+        params, LoraConfig(rank=2, target_modules=targets, layers_to_transform=layers)))
+    assert jax_names == peft_names == ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]

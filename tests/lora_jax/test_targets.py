@@ -59,9 +59,12 @@ def test_layer_index_is_peft_s():
 
 
 def test_modules_without_layer_index_are_dropped_when_layers_are_selected():
-    params = {"head": {"kernel": np.zeros((4, 4))}, "model": {"layers": {"0": {"head": {"kernel": np.zeros((4, 4))}}}}}
-    assert names(params, target_modules=["head"]) == ["head", "model.layers.0.head"]
+    params = {"top": {"head": {"kernel": np.zeros((4, 4))}},
+              "model": {"layers": {"0": {"head": {"kernel": np.zeros((4, 4))}}}}}
+    assert names(params, target_modules=["head"]) == ["top.head", "model.layers.0.head"]
     assert names(params, target_modules=["head"], layers_to_transform=0) == ["model.layers.0.head"]
+    # As in PEFT, a module named in full is not filtered by layer.
+    assert names(params, target_modules=["top.head", "head"], layers_to_transform=0) == ["top.head", "model.layers.0.head"]
     assert names(params, target_modules=["head"], layers_to_transform=0, layers_pattern="layers") == ["model.layers.0.head"]
     with pytest.raises(ValueError, match="matched no module"):
         names(params, target_modules=["head"], layers_to_transform=0, layers_pattern="h")
