@@ -101,14 +101,14 @@ def load_tokenizer(model: str) -> Tokenizer:
 
 def load_token_ids(data: Path | None, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Train and held-out token ids: the embedded target text, or ``--data`` split 90/10."""
-    if data is None:
-        from lora_jax.embedded import target_corpus
+    if data is not None:
+        # Split the tokens, not the characters, as the optax example does.
+        ids = tokenizer.encode(data.read_text(encoding="utf-8")).ids
+        cut = int(0.9 * len(ids))
+        return torch.tensor(ids[:cut], dtype=torch.long), torch.tensor(ids[cut:], dtype=torch.long)
+    from lora_jax.embedded import target_corpus
 
-        train_text, heldout_text = target_corpus()
-    else:
-        text = data.read_text(encoding="utf-8")
-        cut = int(0.9 * len(text))
-        train_text, heldout_text = text[:cut], text[cut:]
+    train_text, heldout_text = target_corpus()
     return (torch.tensor(tokenizer.encode(train_text).ids, dtype=torch.long),
             torch.tensor(tokenizer.encode(heldout_text).ids, dtype=torch.long))
 
@@ -120,12 +120,21 @@ def random_windows(ids: torch.Tensor, batch_size: int, seq_len: int, generator: 
 
 
 @torch.no_grad()
-def heldout_loss(model: GPT2LMHeadModel, ids: torch.Tensor, seq_len: int, device: str) -> float:
-    """Mean next-token loss over consecutive held-out windows (at most MAX_EVAL_WINDOWS)."""
+def heldout_loss(model: GPT2LMHeadModel, ids: torch.Tensor, seq_len: int, device: str, batch_size: int) -> float:
+    """Mean next-token loss over consecutive held-out windows (at most MAX_EVAL_WINDOWS).
+
+    Windows go through the model ``batch_size`` at a time, so evaluation never holds more logits
+    than a training step. Every window scores ``seq_len - 1`` tokens, so weighting each batch's
+    mean by its window count gives the exact overall mean.
+    """
     model.eval()
     count = min(MAX_EVAL_WINDOWS, len(ids) // seq_len)
-    windows = ids[: count * seq_len].view(count, seq_len).to(device)  # (N, T)
-    return model(windows, labels=windows).loss.item()
+    windows = ids[: count * seq_len].view(count, seq_len)  # (N, T)
+    total = 0.0
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        total += model(batch, labels=batch).loss.item() * len(batch)
+    return total / count
 
 
 def train(model: GPT2LMHeadModel, ids: torch.Tensor, args: argparse.Namespace) -> list[float]:
@@ -188,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 dropout=args.dropout)
     freeze_base_model(model)
     counts = print_trainable_parameters(model)
-    loss_before = heldout_loss(model, heldout_ids, args.seq_len, args.device)
+    loss_before = heldout_loss(model, heldout_ids, args.seq_len, args.device, args.batch_size)
     losses = train(model, train_ids, args)
-    loss_after = heldout_loss(model, heldout_ids, args.seq_len, args.device)
+    loss_after = heldout_loss(model, heldout_ids, args.seq_len, args.device, args.batch_size)
     print(f"held-out loss {loss_before:.4f} -> {loss_after:.4f} "
           f"(perplexity {math.exp(loss_before):.2f} -> {math.exp(loss_after):.2f})")
 

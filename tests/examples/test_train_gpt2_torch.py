@@ -72,3 +72,12 @@ def test_seq_len_beyond_model_positions_exits_with_code_2(example, base_dir, tmp
     code = example.main(["--model", str(base_dir), "--out", str(tmp_path), "--seq-len", "100000", "--no-progress"])
     assert code == 2
     assert "exceeds the model's n_positions" in capsys.readouterr().err
+
+
+def test_heldout_loss_in_batches_equals_one_pass(example, base_dir):
+    model = GPT2LMHeadModel.from_pretrained(base_dir)
+    ids = torch.arange(5 * 16) % 300  # 5 windows of 16 tokens
+    one_pass = example.heldout_loss(model, ids, 16, "cpu", batch_size=5)
+    batched = example.heldout_loss(model, ids, 16, "cpu", batch_size=2)  # batches of 2, 2, 1 windows
+    assert math.isfinite(one_pass)
+    assert batched == pytest.approx(one_pass, rel=1e-6)  # a window-weighted mean: equal up to fp32 rounding
