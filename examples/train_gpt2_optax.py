@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from lora_jax import (GPT2, LoraConfig, init_lora, load_gpt2, lora_apply, make_train_step, merge, save_adapter,
                       trainable_summary)
+from lora_jax.atomic_files import atomic_write, atomic_write_text
 from lora_jax.chunked_loss import chunked_cross_entropy
 from lora_jax.embedded import ensure_base, load_tokenizer, target_corpus
 from lora_jax.generation import generate
@@ -193,17 +193,15 @@ def plot_losses(path: Path, losses: tuple[float, ...], evals: tuple[tuple[int, f
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title=title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda temp_name: fig.savefig(temp_name, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic JSON write (temp file in the same directory, then rename)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _poison(lora):
