@@ -40,11 +40,11 @@ import optax
 from lora_jax.atomic_files import atomic_write_text
 from lora_jax.config import LoraConfig
 from lora_jax.counting import count_params, lora_param_count
-from lora_jax.gpt2_model import GPT2, GPT2Config, gpt2_small
+from lora_jax.gpt2.model import GPT2, GPT2Config, gpt2_small
 from lora_jax.initialize import init_lora
-from lora_jax.losses import gpt2_lm_loss, next_token_loss
+from lora_jax.training.losses import gpt2_lm_loss, next_token_loss
 from lora_jax.partition import combine, split
-from lora_jax.train_step import lora_optimizer, make_combined_train_step, make_train_step
+from lora_jax.training.step import lora_optimizer, make_combined_train_step, make_train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("jax", "jaxlib", "flax", "optax")

@@ -107,7 +107,7 @@ def _jax_setup(w: Workload, remat: bool = False):
     import jax
     import jax.numpy as jnp
 
-    from lora_jax.gpt2_model import GPT2, GPT2Config
+    from lora_jax.gpt2.model import GPT2, GPT2Config
 
     config = GPT2Config(vocab_size=w.vocab, n_positions=w.n_positions, n_embd=w.n_embd, n_layer=w.n_layer,
                         n_head=w.n_head)
@@ -124,8 +124,8 @@ def _jax_step_fns(w: Workload, training: str, chunked: bool, remat: bool = False
     import optax
 
     from lora_jax import LoraConfig, gpt2_lm_loss, init_lora, make_train_step
-    from lora_jax.chunked_loss import chunked_next_token_loss, gpt2_chunked_lm_loss
-    from lora_jax.gpt2_model import init_gpt2_params
+    from lora_jax.training.chunked_loss import chunked_next_token_loss, gpt2_chunked_lm_loss
+    from lora_jax.gpt2.model import init_gpt2_params
 
     config, model, batch = _jax_setup(w, remat)
     tx = optax.adamw(LR)

@@ -48,9 +48,9 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from lora_jax import LoraConfig, init_lora, make_train_step  # noqa: E402
-from lora_jax.chunked_loss import gpt2_chunked_lm_loss  # noqa: E402
-from lora_jax.gpt2_model import GPT2, gpt2_xl, init_gpt2_params  # noqa: E402
-from lora_jax.sharding import make_mesh, shard_train_step, train_shardings  # noqa: E402
+from lora_jax.training.chunked_loss import gpt2_chunked_lm_loss  # noqa: E402
+from lora_jax.gpt2.model import GPT2, gpt2_xl, init_gpt2_params  # noqa: E402
+from lora_jax.training.sharding import make_mesh, shard_train_step, train_shardings  # noqa: E402
 from lora_torch.tensor_files import atomic_destination  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # sibling module when run as a script

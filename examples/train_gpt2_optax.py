@@ -35,12 +35,12 @@ from tqdm import tqdm
 from lora_jax import (GPT2, LoraConfig, init_lora, load_gpt2, lora_apply, make_train_step, merge, save_adapter,
                       trainable_summary)
 from lora_jax.atomic_files import atomic_write, atomic_write_text
-from lora_jax.chunked_loss import chunked_cross_entropy
-from lora_jax.embedded import ensure_base, load_tokenizer, target_corpus
-from lora_jax.generation import generate
-from lora_jax.gpt2_loading import resolve_model_dir
-from lora_jax.text_data import WindowSampler, heldout_windows, split_heldout
-from lora_jax.train_checkpoint import TrainState, latest_checkpoint, restore_checkpoint, save_checkpoint
+from lora_jax.training.chunked_loss import chunked_cross_entropy
+from lora_jax.embedded.base import ensure_base, load_tokenizer, target_corpus
+from lora_jax.gpt2.generation import generate
+from lora_jax.gpt2.loading import resolve_model_dir
+from lora_jax.training.text_data import WindowSampler, heldout_windows, split_heldout
+from lora_jax.training.checkpoint import TrainState, latest_checkpoint, restore_checkpoint, save_checkpoint
 
 EXIT_BAD_SETTINGS, EXIT_NON_FINITE = 2, 3
 MAX_EVAL_WINDOWS = 128  # bounds eval time on big --data files; the default held-out text is smaller
@@ -357,7 +357,7 @@ def place_on_mesh(spec: str | None, frozen, state: TrainState):
     """Shards the frozen params, LoRA and optimizer state over ``--mesh``; returns a batch placer too."""
     if spec is None:
         return frozen, state, lambda batch: batch
-    from lora_jax.sharding import make_mesh, place_train_state, shard_batch
+    from lora_jax.training.sharding import make_mesh, place_train_state, shard_batch
 
     mesh = make_mesh(spec)
     frozen, lora, opt_state = place_train_state(frozen, state.lora, state.opt_state, mesh)

@@ -83,7 +83,7 @@ def resolve_model(model: str | None) -> str:
     """A checkpoint dir or hub id; the default is the project's embedded base, trained once and cached."""
     if model is not None:
         return model
-    from lora_jax.embedded import ensure_base  # only the offline default needs the JAX side
+    from lora_jax.embedded.base import ensure_base  # only the offline default needs the JAX side
 
     return str(ensure_base())
 
@@ -106,7 +106,7 @@ def load_token_ids(data: Path | None, tokenizer: Tokenizer) -> tuple[torch.Tenso
         ids = tokenizer.encode(data.read_text(encoding="utf-8")).ids
         cut = int(0.9 * len(ids))
         return torch.tensor(ids[:cut], dtype=torch.long), torch.tensor(ids[cut:], dtype=torch.long)
-    from lora_jax.embedded import target_corpus
+    from lora_jax.embedded.base import target_corpus
 
     train_text, heldout_text = target_corpus()
     return (torch.tensor(tokenizer.encode(train_text).ids, dtype=torch.long),

@@ -5,7 +5,7 @@ The core is model-agnostic: ``init_lora`` builds a LoRA tree mirroring the targe
 calls, ``make_train_step`` differentiates only the LoRA tree, ``merge`` folds it into the
 kernels, and ``save_adapter``/``load_adapter`` speak PEFT's adapter format. The GPT-2 side
 (``GPT2``, ``load_gpt2``, ``generate``, ``ensure_base``...), the chunked losses and the mesh
-entry points of ``lora_jax.sharding`` (``make_mesh``, ``shard_train_step``...) are exported
+entry points of ``lora_jax.training.sharding`` (``make_mesh``, ``shard_train_step``...) are exported
 lazily, so ``import lora_jax`` only loads the core.
 
 Example:
@@ -36,26 +36,26 @@ from lora_jax.counting import count_params, lora_param_count, trainable_summary
 from lora_jax.forward import lora_apply, lora_branch, lora_interception
 from lora_jax.initialize import a_init_bound, init_lora
 from lora_jax.lora_tree import lora_modules
-from lora_jax.losses import causal_lm_loss, gpt2_lm_loss, next_token_loss
+from lora_jax.training.losses import causal_lm_loss, gpt2_lm_loss, next_token_loss
 from lora_jax.merge import lora_delta, merge, unmerge
 from lora_jax.partition import combine, split, trainable_labels, trainable_mask
 from lora_jax.targets import dotted_name, resolve_targets
-from lora_jax.train_step import lora_optimizer, make_combined_train_step, make_train_step
+from lora_jax.training.step import lora_optimizer, make_combined_train_step, make_train_step
 
 # Names from modules that are heavier or optional load on first use (PEP 562).
 _LAZY = {
     **dict.fromkeys(("adapter_config_dict", "load_adapter", "peft_state_dict", "save_adapter"), "lora_jax.peft_format"),
     **dict.fromkeys(
         ("GPT2", "GPT2Config", "KVCache", "gpt2_medium", "gpt2_small", "gpt2_xl", "init_cache", "init_gpt2_params"),
-        "lora_jax.gpt2_model",
+        "lora_jax.gpt2.model",
     ),
-    **dict.fromkeys(("load_gpt2", "save_gpt2"), "lora_jax.gpt2_loading"),
-    "generate": "lora_jax.generation",
-    **dict.fromkeys(("chunked_cross_entropy", "chunked_next_token_loss", "gpt2_chunked_lm_loss"), "lora_jax.chunked_loss"),
-    **dict.fromkeys(("ensure_base", "load_tokenizer"), "lora_jax.embedded"),
-    # The entry points of a sharded run; the partition-spec rules stay in lora_jax.sharding.
+    **dict.fromkeys(("load_gpt2", "save_gpt2"), "lora_jax.gpt2.loading"),
+    "generate": "lora_jax.gpt2.generation",
+    **dict.fromkeys(("chunked_cross_entropy", "chunked_next_token_loss", "gpt2_chunked_lm_loss"), "lora_jax.training.chunked_loss"),
+    **dict.fromkeys(("ensure_base", "load_tokenizer"), "lora_jax.embedded.base"),
+    # The entry points of a sharded run; the partition-spec rules stay in lora_jax.training.sharding.
     **dict.fromkeys(
-        ("make_mesh", "place_train_state", "shard_batch", "shard_train_step", "train_shardings"), "lora_jax.sharding"
+        ("make_mesh", "place_train_state", "shard_batch", "shard_train_step", "train_shardings"), "lora_jax.training.sharding"
     ),
 }
 

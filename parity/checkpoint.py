@@ -64,7 +64,7 @@ def resolve_checkpoint(model: str | os.PathLike | None) -> Path:
     FileNotFoundError: Model directory '/no/such/dir' does not exist. Pass --model with a directory holding config.json and model.safetensors, or a hub id.
     """
     if model is None:
-        from lora_jax.embedded import ensure_base
+        from lora_jax.embedded.base import ensure_base
 
         path = Path(ensure_base())
     elif isinstance(model, os.PathLike) or _looks_like_path(str(model)):
@@ -76,7 +76,7 @@ def resolve_checkpoint(model: str | os.PathLike | None) -> Path:
 
 
 def _download(hub_id: str) -> Path:
-    from lora_jax.gpt2_loading import resolve_model_dir  # the one hub path of the project
+    from lora_jax.gpt2.loading import resolve_model_dir  # the one hub path of the project
 
     try:
         return Path(resolve_model_dir(hub_id))

@@ -28,8 +28,8 @@ def load_torch_gpt2(model_dir: Path):
 
 
 def load_jax_gpt2(model_dir: Path):
-    """``lora_jax.gpt2_loading.load_gpt2`` -> ``(GPT2Config, params)``."""
-    from lora_jax.gpt2_loading import load_gpt2
+    """``lora_jax.gpt2.loading.load_gpt2`` -> ``(GPT2Config, params)``."""
+    from lora_jax.gpt2.loading import load_gpt2
 
     return load_gpt2(model_dir)
 

@@ -1,7 +1,7 @@
 """One GPT-2 checkpoint loaded into both halves, and how to run each half on a batch.
 
 ``load_pair`` reads the same directory with transformers (torch) and with
-``lora_jax.gpt2_loading`` (JAX). The base models are never changed afterwards: every
+``lora_jax.gpt2.loading`` (JAX). The base models are never changed afterwards: every
 check works on copies (torch) or new trees (JAX), so checks are independent of each
 other's order.
 """
@@ -68,7 +68,7 @@ class ModelPair:
     def jax_module(self):
         """The Flax ``GPT2`` module at this pair's compute dtype."""
         import jax.numpy as jnp
-        from lora_jax.gpt2_model import GPT2
+        from lora_jax.gpt2.model import GPT2
 
         return GPT2(self.jax_config, dtype=jnp.bfloat16 if self.dtype == "bf16" else jnp.float32)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_jax.embedded import build_base
+from lora_jax.embedded.base import build_base
 
 
 @pytest.fixture(scope="session")

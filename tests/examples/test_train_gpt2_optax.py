@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lora_jax.train_checkpoint import latest_checkpoint
+from lora_jax.training.checkpoint import latest_checkpoint
 from example_scripts import EXAMPLES, load_example
 
 SCRIPT = EXAMPLES / "train_gpt2_optax.py"

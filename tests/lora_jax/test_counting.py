@@ -7,7 +7,7 @@ import pytest
 
 from lora_jax.config import LoraConfig
 from lora_jax.counting import count_params, lora_param_count, trainable_summary
-from lora_jax.gpt2_model import GPT2, gpt2_small
+from lora_jax.gpt2.model import GPT2, gpt2_small
 from lora_jax.initialize import init_lora
 
 

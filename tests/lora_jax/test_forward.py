@@ -8,7 +8,7 @@ import pytest
 
 from lora_jax.config import LoraConfig
 from lora_jax.forward import lora_apply, lora_branch, lora_interception
-from lora_jax.gpt2_model import GPT2, GPT2Config, init_gpt2_params
+from lora_jax.gpt2.model import GPT2, GPT2Config, init_gpt2_params
 from lora_jax.initialize import init_lora
 from lora_jax.merge import merge
 from tests.lora_jax.encoder_model import Encoder, init_encoder, random_ids, with_random_b

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lora_jax.config import LoraConfig
-from lora_jax.gpt2_model import GPT2Config
+from lora_jax.gpt2.model import GPT2Config
 
 SPEC = importlib.util.spec_from_file_location("lora_cost", Path(__file__).parents[2] / "benchmarks" / "lora_cost.py")
 lora_cost = importlib.util.module_from_spec(SPEC)

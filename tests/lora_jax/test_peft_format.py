@@ -13,8 +13,8 @@ from transformers import GPT2LMHeadModel
 
 from lora_jax.config import LoraConfig
 from lora_jax.forward import lora_apply
-from lora_jax.gpt2_loading import load_gpt2
-from lora_jax.gpt2_model import GPT2
+from lora_jax.gpt2.loading import load_gpt2
+from lora_jax.gpt2.model import GPT2
 from lora_jax.initialize import init_lora
 from lora_jax.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from lora_jax.targets import dotted_name, resolve_targets

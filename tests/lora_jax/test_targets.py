@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lora_jax.config import LoraConfig
-from lora_jax.gpt2_model import GPT2, GPT2Config
+from lora_jax.gpt2.model import GPT2, GPT2Config
 from lora_jax.targets import dotted_name, layer_index, name_matches, resolve_targets
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.gpt2_model import (
+from lora_jax.gpt2.model import (
     GPT2,
     GPT2Config,
     gpt2_medium,

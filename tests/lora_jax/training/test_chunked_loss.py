@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from lora_jax.chunked_loss import chunked_cross_entropy, chunked_next_token_loss
+from lora_jax.training.chunked_loss import chunked_cross_entropy, chunked_next_token_loss
 
 # float32 on CPU with "highest" matmul precision: the chunked sums reorder additions, so agreement
 # is at float32 rounding of O(1) values summed over a few dozen terms.
@@ -119,9 +119,9 @@ def test_bad_input_raises_clear_error(kwargs, error, fragment):
 
 def test_gpt2_chunked_loss_matches_full_logits_loss_and_lora_gradient(tiny_gpt2_dir):
     from lora_jax import LoraConfig, gpt2_lm_loss, init_lora
-    from lora_jax.chunked_loss import gpt2_chunked_lm_loss
-    from lora_jax.gpt2_loading import load_gpt2
-    from lora_jax.gpt2_model import GPT2
+    from lora_jax.training.chunked_loss import gpt2_chunked_lm_loss
+    from lora_jax.gpt2.loading import load_gpt2
+    from lora_jax.gpt2.model import GPT2
 
     gpt_config, params = load_gpt2(tiny_gpt2_dir)
     config = LoraConfig(rank=4, alpha=8.0, target_modules=["c_attn", "c_proj", "c_fc"])
@@ -145,8 +145,8 @@ def test_gpt2_chunked_loss_matches_full_logits_loss_and_lora_gradient(tiny_gpt2_
 
 def test_gpt2_chunked_loss_rejects_a_batch_without_input_ids():
     from lora_jax import LoraConfig
-    from lora_jax.chunked_loss import gpt2_chunked_lm_loss
-    from lora_jax.gpt2_model import GPT2, GPT2Config
+    from lora_jax.training.chunked_loss import gpt2_chunked_lm_loss
+    from lora_jax.gpt2.model import GPT2, GPT2Config
 
     loss_fn = gpt2_chunked_lm_loss(GPT2(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)),
                                    LoraConfig(rank=2, target_modules=["c_attn"]))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from lora_jax.generation import generate, top_k_logits
-from lora_jax.gpt2_loading import load_gpt2
-from lora_jax.gpt2_model import GPT2, init_cache
+from lora_jax.gpt2.generation import generate, top_k_logits
+from lora_jax.gpt2.loading import load_gpt2
+from lora_jax.gpt2.model import GPT2, init_cache
 
 NEW = 12
 

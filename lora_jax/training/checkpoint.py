@@ -5,7 +5,7 @@ A checkpoint is a directory ``step_00000100/`` under a checkpoint root, holding
 - ``state.safetensors``: every array leaf of the LoRA tree (``lora.<dotted path>``), of the
   optax state (``opt_state.<dotted path>``) and the RNG key (``rng_key``);
 - ``manifest.json``: format version, step, ``examples_seen`` (the data position, see
-  :mod:`lora_jax.text_data`), the per-step training losses so far, the run config the
+  :mod:`lora_jax.training.text_data`), the per-step training losses so far, the run config the
   checkpoint belongs to, the held-out evaluations so far, and the name, shape and dtype of every tensor.
 
 Saves are atomic: everything is written into a temporary directory next to the final one,

@@ -1,4 +1,4 @@
-"""Tests for lora_jax.train_checkpoint: exact round trips, atomic saves, validated restores."""
+"""Tests for lora_jax.training.checkpoint: exact round trips, atomic saves, validated restores."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from lora_jax import train_checkpoint as tc
-from lora_jax.train_checkpoint import (CheckpointMismatchError, TrainState, latest_checkpoint,
+from lora_jax.training import checkpoint as tc
+from lora_jax.training.checkpoint import (CheckpointMismatchError, TrainState, latest_checkpoint,
                                        restore_checkpoint, save_checkpoint)
 
 CONFIG = {"rank": 2, "targets": ["c_attn"], "lr": 1e-3}

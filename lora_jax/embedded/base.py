@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_jax.base_pretraining import mean_token_loss, pretrain
-from lora_jax.bpe_tokenizer import END_OF_TEXT, load_tokenizer, tokenizer_config, train_bpe_tokenizer
-from lora_jax.corpus import base_corpus, target_corpus, target_path, text_sha256
-from lora_jax.gpt2_loading import save_gpt2
-from lora_jax.gpt2_model import GPT2, GPT2Config
+from lora_jax.embedded.pretraining import mean_token_loss, pretrain
+from lora_jax.embedded.tokenizer import END_OF_TEXT, load_tokenizer, tokenizer_config, train_bpe_tokenizer
+from lora_jax.embedded.corpus import base_corpus, target_corpus, target_path, text_sha256
+from lora_jax.gpt2.loading import save_gpt2
+from lora_jax.gpt2.model import GPT2, GPT2Config
 
 __all__ = ["BaseSettings", "base_corpus", "build_base", "ensure_base", "load_tokenizer", "target_corpus"]
 

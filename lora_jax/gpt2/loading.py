@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.atomic_files import atomic_write, atomic_write_text
-from lora_jax.gpt2_model import GPT2Config, Params
+from lora_jax.gpt2.model import GPT2Config, Params
 from lora_jax.lora_tree import nest
 
 _PREFIX = "transformer."

@@ -8,7 +8,7 @@ optionally keeps only the ``top_k`` most likely tokens.
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> from lora_jax.gpt2_model import GPT2, GPT2Config, init_gpt2_params
+    >>> from lora_jax.gpt2.model import GPT2, GPT2Config, init_gpt2_params
     >>> config = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
     >>> params = init_gpt2_params(config, jax.random.key(0))
     >>> generate(GPT2(config), params, jnp.array([[1, 2]]), max_new_tokens=3).shape
@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax.gpt2_model import GPT2, KVCache, init_cache
+from lora_jax.gpt2.model import GPT2, KVCache, init_cache
 
 # (params, input_ids (B, T), cache) -> (fp32 logits (B, T, V), new cache)
 ApplyFn = Callable[[Any, jax.Array, KVCache], tuple[jax.Array, KVCache]]

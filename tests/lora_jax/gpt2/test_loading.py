@@ -14,8 +14,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import GPT2LMHeadModel
 
-from lora_jax.gpt2_loading import load_gpt2, save_gpt2
-from lora_jax.gpt2_model import GPT2
+from lora_jax.gpt2.loading import load_gpt2, save_gpt2
+from lora_jax.gpt2.model import GPT2
 
 torch.backends.cuda.matmul.allow_tf32 = False
 

@@ -14,8 +14,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lora_jax.gpt2_model import GPT2, GPT2Config, Params, init_gpt2_params
-from lora_jax.text_data import window_count
+from lora_jax.gpt2.model import GPT2, GPT2Config, Params, init_gpt2_params
+from lora_jax.training.text_data import window_count
 
 
 def _window_loss(model: GPT2, params: Params, windows: jax.Array) -> jax.Array:

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from lora_jax import LoraConfig, init_lora
-from lora_jax.gpt2_model import gpt2_small, init_gpt2_params
-from lora_jax.sharding import (
+from lora_jax.gpt2.model import gpt2_small, init_gpt2_params
+from lora_jax.training.sharding import (
     leaf_partition_spec,
     lora_partition_specs,
     make_mesh,
@@ -123,10 +123,10 @@ def _worker(model_dir: str) -> dict:
     import optax
 
     from lora_jax import gpt2_lm_loss, make_train_step
-    from lora_jax.chunked_loss import gpt2_chunked_lm_loss
-    from lora_jax.gpt2_loading import load_gpt2
-    from lora_jax.gpt2_model import GPT2
-    from lora_jax.sharding import place_train_state, shard_batch, shard_train_step
+    from lora_jax.training.chunked_loss import gpt2_chunked_lm_loss
+    from lora_jax.gpt2.loading import load_gpt2
+    from lora_jax.gpt2.model import GPT2
+    from lora_jax.training.sharding import place_train_state, shard_batch, shard_train_step
 
     jax.config.update("jax_default_matmul_precision", "highest")
     gpt_config, frozen = load_gpt2(model_dir)

@@ -1,11 +1,11 @@
-"""Tests for lora_jax.text_data: exact windows, epoch coverage, resumable positions."""
+"""Tests for lora_jax.training.text_data: exact windows, epoch coverage, resumable positions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lora_jax.text_data import WindowSampler, heldout_windows, split_heldout, window_count
+from lora_jax.training.text_data import WindowSampler, heldout_windows, split_heldout, window_count
 
 
 def test_split_heldout_keeps_a_contiguous_tail():

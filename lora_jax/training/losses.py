@@ -3,7 +3,7 @@
 A batch is a dict: ``{"input_ids": (B, T) ints}`` plus an optional ``"mask"`` (B, T) of 0/1,
 where 1 marks a real token. Position ``t`` predicts ``input_ids[:, t + 1]``; a prediction
 counts when its target is a real token (``mask[:, t + 1]``), the same rule as
-``lora_jax.chunked_loss``.
+``lora_jax.training.chunked_loss``.
 
 Example:
     >>> import jax.numpy as jnp
@@ -23,7 +23,7 @@ import optax
 
 from lora_jax.config import LoraConfig
 from lora_jax.forward import lora_apply
-from lora_jax.train_step import LossFn
+from lora_jax.training.step import LossFn
 
 
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -87,11 +87,11 @@ def causal_lm_loss(apply_fn: Callable[..., jax.Array], config: LoraConfig) -> Lo
 
 
 def gpt2_lm_loss(model: Any, config: LoraConfig) -> LossFn:
-    """``causal_lm_loss`` for this project's ``lora_jax.gpt2_model.GPT2``.
+    """``causal_lm_loss`` for this project's ``lora_jax.gpt2.model.GPT2``.
 
     Example:
         >>> import jax
-        >>> from lora_jax.gpt2_model import GPT2, GPT2Config, init_gpt2_params
+        >>> from lora_jax.gpt2.model import GPT2, GPT2Config, init_gpt2_params
         >>> from lora_jax.initialize import init_lora
         >>> gpt = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
         >>> params = init_gpt2_params(gpt, jax.random.key(0))
@@ -102,11 +102,11 @@ def gpt2_lm_loss(model: Any, config: LoraConfig) -> LossFn:
         >>> loss.shape, str(loss.dtype)
         ((), 'float32')
     """
-    from lora_jax.gpt2_model import GPT2  # the model module is only needed for this helper
+    from lora_jax.gpt2.model import GPT2  # the model module is only needed for this helper
 
     if not isinstance(model, GPT2):
         raise TypeError(
-            f"gpt2_lm_loss needs a lora_jax.gpt2_model.GPT2, got {type(model).__name__}; "
+            f"gpt2_lm_loss needs a lora_jax.gpt2.model.GPT2, got {type(model).__name__}; "
             "for another Flax model use causal_lm_loss(model.apply, config)."
         )
     return causal_lm_loss(model.apply, config)

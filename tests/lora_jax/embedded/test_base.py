@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from lora_jax import embedded
-from lora_jax.bpe_tokenizer import END_OF_TEXT, load_tokenizer, train_bpe_tokenizer
-from lora_jax.corpus import base_corpus, target_corpus, target_path, text_sha256
-from lora_jax.embedded import BaseSettings, build_base, ensure_base
-from lora_jax.gpt2_loading import load_gpt2
-from lora_jax.gpt2_model import GPT2
+from lora_jax.embedded import base as embedded
+from lora_jax.embedded.tokenizer import END_OF_TEXT, load_tokenizer, train_bpe_tokenizer
+from lora_jax.embedded.corpus import base_corpus, target_corpus, target_path, text_sha256
+from lora_jax.embedded.base import BaseSettings, build_base, ensure_base
+from lora_jax.gpt2.loading import load_gpt2
+from lora_jax.gpt2.model import GPT2
 
 TINY = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=300, seq_len=32, batch_size=4, steps=12, seed=0)
 

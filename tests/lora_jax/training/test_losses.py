@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.chunked_loss import chunked_next_token_loss
+from lora_jax.training.chunked_loss import chunked_next_token_loss
 from lora_jax.config import LoraConfig
-from lora_jax.gpt2_model import GPT2, GPT2Config, init_gpt2_params
+from lora_jax.gpt2.model import GPT2, GPT2Config, init_gpt2_params
 from lora_jax.initialize import init_lora
-from lora_jax.losses import causal_lm_loss, gpt2_lm_loss, next_token_loss
+from lora_jax.training.losses import causal_lm_loss, gpt2_lm_loss, next_token_loss
 
 
 def reference(logits, ids, mask):

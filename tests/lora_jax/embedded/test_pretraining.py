@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from lora_jax.base_pretraining import mean_token_loss
-from lora_jax.gpt2_model import GPT2, GPT2Config, init_gpt2_params
+from lora_jax.embedded.pretraining import mean_token_loss
+from lora_jax.gpt2.model import GPT2, GPT2Config, init_gpt2_params
 
 CONFIG = GPT2Config(vocab_size=11, n_positions=4, n_embd=8, n_layer=1, n_head=2)
 

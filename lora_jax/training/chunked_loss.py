@@ -221,7 +221,7 @@ def gpt2_chunked_lm_loss(model: Any, config: Any, *, chunk_size: int = 128) -> A
     Example:
         >>> import jax
         >>> from lora_jax import LoraConfig, init_lora
-        >>> from lora_jax.gpt2_model import GPT2, GPT2Config, init_gpt2_params
+        >>> from lora_jax.gpt2.model import GPT2, GPT2Config, init_gpt2_params
         >>> gpt = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
         >>> params = init_gpt2_params(gpt, jax.random.key(0))
         >>> config = LoraConfig(rank=2, target_modules=["c_attn"])
@@ -232,7 +232,7 @@ def gpt2_chunked_lm_loss(model: Any, config: Any, *, chunk_size: int = 128) -> A
     """
     # Imported here: the loss core above needs no LoRA code.
     from lora_jax.forward import lora_apply
-    from lora_jax.losses import batch_fields
+    from lora_jax.training.losses import batch_fields
 
     forward = lora_apply(model.apply, config)
 

@@ -10,7 +10,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.forward import lora_apply
 from lora_jax.initialize import init_lora
 from lora_jax.partition import combine, split, trainable_mask
-from lora_jax.train_step import lora_optimizer, make_combined_train_step, make_train_step
+from lora_jax.training.step import lora_optimizer, make_combined_train_step, make_train_step
 from tests.lora_jax.encoder_model import Encoder, init_encoder, random_ids
 
 CONFIG = LoraConfig(rank=2, alpha=4.0, target_modules=["query", "value", "head"], dropout=0.1)
