@@ -18,28 +18,28 @@ Example:
     >>> model, x = MLP(), jnp.ones((1, 4))
     >>> params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     >>> config = lora_jax.LoraConfig(rank=2, alpha=4.0, target_modules=["hidden", "out"])
-    >>> lora = lora_jax.init_lora(params, config, jax.random.key(1))
-    >>> lora_jax.count_params(lora)
+    >>> adapter = lora_jax.init_lora(params, config, jax.random.key(1))  # arrays + their config
+    >>> lora_jax.count_params(adapter)
     44
-    >>> forward = jax.jit(lora_jax.lora_apply(model.apply, config))
-    >>> bool(jnp.array_equal(forward(params, lora, x), jax.jit(model.apply)({"params": params}, x)))  # B = 0
+    >>> forward = jax.jit(lora_jax.lora_apply(model.apply))
+    >>> bool(jnp.array_equal(forward(params, adapter, x), jax.jit(model.apply)({"params": params}, x)))  # B = 0
     True
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lora_jax.adapter import Adapter
 from lora_jax.config import LoraConfig
 from lora_jax.counting import count_params, lora_param_count, trainable_summary
 from lora_jax.forward import lora_apply, lora_branch, lora_interception
 from lora_jax.initialize import a_init_bound, init_lora
-from lora_jax.lora_tree import lora_modules
-from lora_jax.training.losses import causal_lm_loss, gpt2_lm_loss, next_token_loss
 from lora_jax.merge import lora_delta, merge, unmerge
 from lora_jax.partition import combine, split, trainable_labels, trainable_mask
 from lora_jax.targets import dotted_name, resolve_targets
+from lora_jax.training.losses import Batch, lm_loss, next_token_loss
 from lora_jax.training.step import lora_optimizer, make_combined_train_step, make_train_step
 
 # Names from modules that are heavier or optional load on first use (PEP 562).
@@ -51,28 +51,40 @@ _LAZY = {
     ),
     **dict.fromkeys(("load_gpt2", "save_gpt2"), "lora_jax.gpt2.loading"),
     "generate": "lora_jax.gpt2.generation",
-    **dict.fromkeys(("chunked_cross_entropy", "chunked_next_token_loss", "gpt2_chunked_lm_loss"), "lora_jax.training.chunked_loss"),
+    **dict.fromkeys(("chunked_cross_entropy", "chunked_next_token_loss"), "lora_jax.training.chunked_loss"),
     **dict.fromkeys(("ensure_base", "load_tokenizer"), "lora_jax.embedded.base"),
     # The entry points of a sharded run; the partition-spec rules stay in lora_jax.training.sharding.
     **dict.fromkeys(
-        ("make_mesh", "place_train_state", "shard_batch", "shard_train_step", "train_shardings"), "lora_jax.training.sharding"
+        ("make_mesh", "place_train_state", "shard_batch", "shard_train_step", "train_shardings"),
+        "lora_jax.training.sharding",
     ),
 }
 
+if TYPE_CHECKING:  # what the lazy names are, for editors and type checkers
+    from lora_jax.embedded.base import ensure_base, load_tokenizer
+    from lora_jax.gpt2.generation import generate
+    from lora_jax.gpt2.loading import load_gpt2, save_gpt2
+    from lora_jax.gpt2.model import (GPT2, GPT2Config, KVCache, gpt2_medium, gpt2_small, gpt2_xl, init_cache,
+                                     init_gpt2_params)
+    from lora_jax.peft_format import adapter_config_dict, load_adapter, peft_state_dict, save_adapter
+    from lora_jax.training.chunked_loss import chunked_cross_entropy, chunked_next_token_loss
+    from lora_jax.training.sharding import (make_mesh, place_train_state, shard_batch, shard_train_step,
+                                            train_shardings)
+
 __all__ = [
+    "Adapter",
+    "Batch",
     "LoraConfig",
     "a_init_bound",
-    "causal_lm_loss",
     "combine",
     "count_params",
     "dotted_name",
-    "gpt2_lm_loss",
     "init_lora",
+    "lm_loss",
     "lora_apply",
     "lora_branch",
     "lora_delta",
     "lora_interception",
-    "lora_modules",
     "lora_optimizer",
     "lora_param_count",
     "make_combined_train_step",

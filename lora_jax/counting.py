@@ -11,7 +11,11 @@ Example:
     220
     >>> lora_param_count(params, LoraConfig(rank=2, target_modules=["a"]))
     60
-    >>> trainable_summary(params, {"a": {"lora_A": np.zeros((10, 2)), "lora_B": np.zeros((2, 20))}})
+    >>> from lora_jax.adapter import Adapter
+    >>> adapter = Adapter({"a": {"lora_A": np.zeros((10, 2)), "lora_B": np.zeros((2, 20))}}, LoraConfig(rank=2, target_modules=["a"]))
+    >>> count_params(adapter)
+    60
+    >>> trainable_summary(params, adapter)
     {'trainable': 60, 'total': 280, 'ratio': 0.21428571428571427}
 """
 
@@ -28,7 +32,10 @@ from lora_jax.targets import target_kernel_shapes
 
 
 def count_params(tree: Any) -> int:
-    """The number of scalars in a pytree of arrays or ``ShapeDtypeStruct`` (a Python number counts 1)."""
+    """The number of scalars in a pytree of arrays or ``ShapeDtypeStruct`` (a Python number counts 1).
+
+    An ``Adapter`` counts its arrays; its config is static data, not counted.
+    """
     return sum(math.prod(getattr(leaf, "shape", ())) for leaf in jax.tree_util.tree_leaves(tree))
 
 
@@ -41,8 +48,8 @@ def lora_param_count(params: Mapping[str, Any], config: LoraConfig) -> int:
     return sum(config.rank * (fan_in + fan_out) for fan_in, fan_out in target_kernel_shapes(params, config).values())
 
 
-def trainable_summary(frozen: Any, lora: Any) -> dict[str, float]:
-    """``{"trainable", "total", "ratio"}`` for a frozen tree plus its LoRA tree (the tutorial's numbers)."""
-    trainable = count_params(lora)
+def trainable_summary(frozen: Any, adapter: Any) -> dict[str, float]:
+    """``{"trainable", "total", "ratio"}`` for a frozen tree plus its adapter (the tutorial's numbers)."""
+    trainable = count_params(adapter)
     total = count_params(frozen) + trainable
     return {"trainable": trainable, "total": total, "ratio": trainable / total if total else 0.0}

@@ -12,6 +12,7 @@ module folds its own dotted name into the key, so masks differ across modules.
 
 Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax.adapter import Adapter
     >>> from lora_jax.config import LoraConfig
     >>> class Net(nn.Module):
     ...     @nn.compact
@@ -19,9 +20,10 @@ Example:
     ...         return nn.Dense(3, name="out")(x)
     >>> model, x = Net(), jnp.ones((1, 2))
     >>> params = jax.jit(model.init)(jax.random.key(0), x)["params"]
-    >>> lora = {"out": {"lora_A": jnp.ones((2, 1)), "lora_B": jnp.ones((1, 3))}}
-    >>> forward = jax.jit(lora_apply(model.apply, LoraConfig(rank=1, alpha=0.5, target_modules=["out"])))
-    >>> (forward(params, lora, x) - jax.jit(model.apply)({"params": params}, x)).round(4).tolist()
+    >>> config = LoraConfig(rank=1, alpha=0.5, target_modules=["out"])
+    >>> adapter = Adapter({"out": {"lora_A": jnp.ones((2, 1)), "lora_B": jnp.ones((1, 3))}}, config)
+    >>> forward = jax.jit(lora_apply(model.apply))
+    >>> (forward(params, adapter, x) - jax.jit(model.apply)({"params": params}, x)).round(4).tolist()
     [[1.0, 1.0, 1.0]]
 """
 
@@ -29,15 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax.config import LoraConfig
-from lora_jax.lora_tree import ModulePath, lora_modules
+from lora_jax.adapter import Adapter, checked_modules
+from lora_jax.lora_tree import ModulePath
 from lora_jax.targets import dotted_name
 
 
@@ -76,29 +78,31 @@ def lora_branch(
 
 @contextlib.contextmanager
 def lora_interception(
-    lora: Mapping[str, Any],
-    config: LoraConfig,
+    adapter: Adapter,
     *,
     dropout_rng: jax.Array | None = None,
     strict: bool = True,
 ) -> Iterator[None]:
     """Within the block, adapted ``nn.Dense`` layers add their LoRA branch to their output.
 
-    Use it around any ``model.apply`` (or bound-module call) whose params the LoRA tree was
+    Use it around any ``model.apply`` (or bound-module call) whose params the adapter was
     built from. Enter it *inside* the function you jit: interception happens while tracing,
     and a function jitted and traced outside the context keeps its cached, LoRA-free trace.
 
     Args:
-        lora: The LoRA tree (from ``init_lora``, ``split`` or ``load_adapter``).
-        config: Supplies ``scaling`` and ``dropout``.
+        adapter: The ``Adapter`` (from ``init_lora`` or ``load_adapter``); its config supplies
+            each module's scaling and the dropout rate.
         dropout_rng: Key for dropout on the branch input; None disables dropout.
         strict: Raise if some LoRA module was never called as an ``nn.Dense``, which means the
             tree does not belong to this model (or the module is not a Dense layer).
 
     Raises:
-        ValueError: With ``strict``, when the block ends and some LoRA module went unused.
+        TypeError: ``adapter`` is not an ``Adapter``.
+        ValueError: The adapter's shapes disagree with its rank; or, with ``strict``, when the
+            block ends and some LoRA module went unused.
     """
-    entries = lora_modules(lora)
+    entries = checked_modules(adapter)
+    dropout = adapter.config.dropout
     applied: set[ModulePath] = set()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -113,7 +117,7 @@ def lora_interception(
         a, b = entries[path]
         rng = None if dropout_rng is None else module_rng(dropout_rng, path)
         branch = lora_branch(
-            x, a, b, config.scaling, dtype=y.dtype, precision=module.precision, dropout=config.dropout, rng=rng
+            x, a, b, adapter.scaling(path), dtype=y.dtype, precision=module.precision, dropout=dropout, rng=rng
         )
         applied.add(path)
         return y + branch
@@ -124,27 +128,38 @@ def lora_interception(
     if strict and missing:
         raise ValueError(
             f"LoRA modules {missing[:8]} were never called as flax.linen.Dense layers in this forward pass. "
-            "The LoRA tree must mirror the module paths of the model being applied (pass "
+            "The adapter must mirror the module paths of the model being applied (pass "
             "variables['params'] to init_lora), and only nn.Dense layers can be adapted."
         )
 
 
-def lora_apply(apply_fn: Callable[..., Any], config: LoraConfig, *, strict: bool = True) -> Callable[..., Any]:
-    """Wraps ``model.apply`` into ``fn(params, lora, *args, dropout_rng=None, **kwargs)``.
+def lora_apply(apply_fn: Callable[..., Any], *, strict: bool = True) -> Callable[..., Any]:
+    """Wraps ``model.apply`` into ``fn(params, adapter, *args, dropout_rng=None, **kwargs)``.
 
     Args:
         apply_fn: A Flax ``model.apply`` (or any function taking ``{"params": params}`` first).
-        config: The LoRA config the tree was made with.
         strict: See ``lora_interception``.
 
     Returns:
         A function computing the model's output with every adapted Dense layer's LoRA branch
-        added; ``params`` is the frozen tree, ``lora`` the trainable one. Extra ``kwargs``
-        (e.g. ``method=`` or ``rngs=``) go to ``apply_fn``.
-    """
+        added; ``params`` is the frozen tree, ``adapter`` the trainable ``Adapter`` (its config
+        travels with it). ``adapter=None`` runs the base model. Extra ``kwargs`` (e.g.
+        ``method=`` or ``rngs=``) go to ``apply_fn``.
 
-    def forward(params: Any, lora: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
-        with lora_interception(lora, config, dropout_rng=dropout_rng, strict=strict):
+    Raises:
+        TypeError: ``apply_fn`` is not callable.
+    """
+    if not callable(apply_fn):
+        raise TypeError(
+            f"lora_apply takes the model's apply function, as lora_apply(model.apply), got {apply_fn!r}. "
+            "The config travels inside the Adapter passed at call time: forward(params, adapter, x)."
+        )
+
+    def forward(params: Any, adapter: Adapter | None, *args: Any, dropout_rng: jax.Array | None = None,
+                **kwargs: Any) -> Any:
+        if adapter is None:
+            return apply_fn({"params": params}, *args, **kwargs)
+        with lora_interception(adapter, dropout_rng=dropout_rng, strict=strict):
             return apply_fn({"params": params}, *args, **kwargs)
 
     return forward

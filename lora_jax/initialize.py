@@ -11,8 +11,8 @@ Example:
     >>> import jax, numpy as np
     >>> from lora_jax.config import LoraConfig
     >>> params = {"encoder": {"query": {"kernel": np.zeros((16, 8)), "bias": np.zeros(8)}}}
-    >>> lora = init_lora(params, LoraConfig(rank=2, target_modules=["query"]), jax.random.key(0))
-    >>> a, b = lora["encoder"]["query"]["lora_A"], lora["encoder"]["query"]["lora_B"]
+    >>> adapter = init_lora(params, LoraConfig(rank=2, target_modules=["query"]), jax.random.key(0))
+    >>> a, b = adapter.weights["encoder"]["query"]["lora_A"], adapter.weights["encoder"]["query"]["lora_B"]
     >>> a.shape, b.shape, str(a.dtype), bool(abs(a).max() <= 0.25), float(abs(b).max())
     ((16, 2), (2, 8), 'float32', True, 0.0)
 """
@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax.adapter import Adapter
 from lora_jax.config import LoraConfig
 from lora_jax.lora_tree import LORA_A, LORA_B, nest
 from lora_jax.targets import target_kernel_shapes
@@ -40,8 +41,8 @@ def a_init_bound(fan_in: int) -> float:
     return 1.0 / math.sqrt(fan_in)
 
 
-def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> dict[str, Any]:
-    """Creates the LoRA tree for every module ``config`` targets in ``params``.
+def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> Adapter:
+    """Creates the adapter for every module ``config`` targets in ``params``.
 
     Each module gets its own key, split from ``key`` in tree order, so the result depends
     only on ``key``, the config and the module names.
@@ -53,6 +54,7 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
         key: A ``jax.random.key``.
 
     Returns:
+        An ``Adapter`` carrying ``config``, whose weights are
         ``{...path...: {"lora_A": (in, r) float32, "lora_B": (r, out) float32 zeros}}``.
 
     Raises:
@@ -70,4 +72,4 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
             LORA_A: jax.random.uniform(module_key, (fan_in, config.rank), jnp.float32, -bound, bound),
             LORA_B: jnp.zeros((config.rank, fan_out), jnp.float32),
         }
-    return nest(entries)
+    return Adapter(nest(entries), config)

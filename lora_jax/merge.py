@@ -8,12 +8,14 @@ float rounding per element.
 Example:
     >>> import numpy as np
     >>> from lora_jax.config import LoraConfig
+    >>> from lora_jax.adapter import Adapter
     >>> config = LoraConfig(rank=1, alpha=2.0, target_modules=["dense"])
     >>> params = {"dense": {"kernel": np.zeros((2, 3), np.float32)}}
-    >>> lora = {"dense": {"lora_A": np.ones((2, 1), np.float32), "lora_B": np.full((1, 3), 0.5, np.float32)}}
-    >>> merge(params, lora, config)["dense"]["kernel"].tolist()
+    >>> weights = {"dense": {"lora_A": np.ones((2, 1), np.float32), "lora_B": np.full((1, 3), 0.5, np.float32)}}
+    >>> adapter = Adapter(weights, config)
+    >>> merge(params, adapter)["dense"]["kernel"].tolist()
     [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
-    >>> unmerge(merge(params, lora, config), lora, config)["dense"]["kernel"].tolist()
+    >>> unmerge(merge(params, adapter), adapter)["dense"]["kernel"].tolist()
     [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
 """
 
@@ -25,8 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax.config import LoraConfig
-from lora_jax.lora_tree import ModulePath, get_module, lora_modules
+from lora_jax.adapter import Adapter, checked_modules
+from lora_jax.lora_tree import ModulePath, get_module
 from lora_jax.targets import dotted_name
 
 
@@ -41,7 +43,7 @@ def _checked_kernel(params: Mapping[str, Any], path: ModulePath, a: Any, b: Any)
     if module is None or "kernel" not in module:
         raise ValueError(
             f"LoRA module {dotted_name(path)!r} has no kernel in params; merge needs the params "
-            "the LoRA tree was made for."
+            "the adapter was made for."
         )
     kernel = module["kernel"]
     expected = (kernel.shape[0], a.shape[1]), (a.shape[1], kernel.shape[1])
@@ -67,12 +69,12 @@ def _with_kernels(params: Mapping[str, Any], new_kernels: Mapping[ModulePath, An
     return out
 
 
-def _apply_delta(params: Mapping[str, Any], lora: Mapping[str, Any], config: LoraConfig, sign: float) -> dict:
-    # Validate every module before computing anything, so a bad tree changes nothing.
-    modules = lora_modules(lora)
+def _apply_delta(params: Mapping[str, Any], adapter: Adapter, sign: float) -> dict:
+    # Validate every module before computing anything, so a bad adapter changes nothing.
+    modules = checked_modules(adapter)
     kernels = {path: _checked_kernel(params, path, a, b) for path, (a, b) in modules.items()}
     new_kernels = {
-        path: (jnp.asarray(kernels[path], jnp.float32) + sign * lora_delta(a, b, config.scaling)).astype(
+        path: (jnp.asarray(kernels[path], jnp.float32) + sign * lora_delta(a, b, adapter.scaling(path))).astype(
             kernels[path].dtype
         )
         for path, (a, b) in modules.items()
@@ -80,20 +82,21 @@ def _apply_delta(params: Mapping[str, Any], lora: Mapping[str, Any], config: Lor
     return _with_kernels(params, new_kernels)
 
 
-def merge(params: Mapping[str, Any], lora: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
+def merge(params: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
     """Returns params whose adapted kernels are ``W0 + s A B``; the result has no LoRA branch.
 
     Args:
         params: The base params (not modified).
-        lora: A LoRA tree for these params.
-        config: Supplies ``scaling``.
+        adapter: An ``Adapter`` for these params; its config supplies each module's scaling.
 
     Raises:
-        ValueError: A LoRA module is missing from params or its shapes do not fit the kernel.
+        TypeError: ``adapter`` is not an ``Adapter``.
+        ValueError: A LoRA module is missing from params, its shapes do not fit the kernel, or
+            they disagree with the adapter's rank.
     """
-    return _apply_delta(params, lora, config, 1.0)
+    return _apply_delta(params, adapter, 1.0)
 
 
-def unmerge(merged: Mapping[str, Any], lora: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
+def unmerge(merged: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
     """Inverse of ``merge``: subtracts ``s A B`` again, restoring ``W0`` up to float rounding."""
-    return _apply_delta(merged, lora, config, -1.0)
+    return _apply_delta(merged, adapter, -1.0)

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 
+from lora_jax.adapter import Adapter
 from lora_jax.lora_tree import LORA_KEYS
 
 
@@ -53,12 +54,14 @@ def split(full: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return frozen, lora
 
 
-def combine(frozen: Mapping[str, Any], lora: Mapping[str, Any]) -> dict[str, Any]:
+def combine(frozen: Mapping[str, Any], lora: Any) -> dict[str, Any]:
     """Puts the LoRA leaves back beside the frozen leaves of their modules.
 
     Args:
         frozen: The base params tree.
-        lora: A LoRA tree whose every path exists in ``frozen``.
+        lora: An ``Adapter`` or a bare LoRA tree (e.g. from ``split``) whose every path exists
+            in ``frozen``. The combined tree holds arrays only; keep the adapter's config to
+            rebuild it: ``Adapter(split(full)[1], config)``.
 
     Returns:
         A new nested dict (new dicts, the same leaf arrays); neither input is modified.
@@ -66,7 +69,8 @@ def combine(frozen: Mapping[str, Any], lora: Mapping[str, Any]) -> dict[str, Any
     Raises:
         ValueError: A LoRA path does not exist in ``frozen``, or a key would be overwritten.
     """
-    return _combine(frozen, lora, ())
+    weights = lora.weights if isinstance(lora, Adapter) else lora
+    return _combine(frozen, weights, ())
 
 
 def _combine(frozen: Mapping[str, Any], lora: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:

@@ -14,15 +14,17 @@ against the params before it returns anything.
 
 Example:
     >>> import tempfile, numpy as np
+    >>> from lora_jax.adapter import Adapter
     >>> from lora_jax.config import LoraConfig
     >>> params = {"h": {"0": {"attn": {"kernel": np.zeros((4, 6), np.float32)}}}}
-    >>> lora = {"h": {"0": {"attn": {"lora_A": np.ones((4, 2), np.float32), "lora_B": np.ones((2, 6), np.float32)}}}}
+    >>> weights = {"h": {"0": {"attn": {"lora_A": np.ones((4, 2), np.float32), "lora_B": np.ones((2, 6), np.float32)}}}}
+    >>> adapter = Adapter(weights, LoraConfig(rank=2, target_modules=["attn"]))
     >>> out = tempfile.mkdtemp()
-    >>> save_adapter(out, lora, LoraConfig(rank=2, target_modules=["attn"]))
-    >>> sorted(peft_state_dict(lora))
+    >>> save_adapter(out, adapter)
+    >>> sorted(peft_state_dict(adapter))
     ['base_model.model.h.0.attn.lora_A.weight', 'base_model.model.h.0.attn.lora_B.weight']
-    >>> lora2, config = load_adapter(out, params)
-    >>> lora2["h"]["0"]["attn"]["lora_B"].shape, config.rank, config.target_modules
+    >>> loaded = load_adapter(out, params)
+    >>> loaded.weights["h"]["0"]["attn"]["lora_B"].shape, loaded.config.rank, loaded.config.target_modules
     ((2, 6), 2, ('attn',))
 """
 
@@ -39,34 +41,17 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from lora_format.peft_fields import read_adapter_config
+from lora_jax.adapter import Adapter, checked_modules
 from lora_jax.atomic_files import atomic_write, atomic_write_text
 from lora_jax.config import LoraConfig
-from lora_jax.lora_tree import LORA_A, LORA_B, ModulePath, lora_modules, nest
+from lora_jax.lora_tree import LORA_A, LORA_B, ModulePath, nest
 from lora_jax.targets import dotted_name, target_kernel_shapes
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _SUFFIXES = {LORA_A: ".lora_A.weight", LORA_B: ".lora_B.weight"}
-
-# PEFT config fields that would change the math; this module supports their neutral values only.
-_NEUTRAL_FIELDS = {
-    "use_dora": (False, None),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
-    "modules_to_save": (None, []),
-    "bias": ("none", None),
-    "exclude_modules": (None, [], ""),
-    "target_parameters": (None, []),
-    "lora_bias": (False, None),
-    "layer_replication": (None, []),
-    "trainable_token_indices": (None, [], {}),
-    "use_qalora": (False, None),
-    "use_bdlora": (False, None),
-    "alora_invocation_tokens": (None, []),
-    "kasa_config": (None, {}),
-    "monteclora_config": (None, {}),
-}
 
 
 def peft_key(path: ModulePath, which: str) -> str:
@@ -78,10 +63,10 @@ def peft_key(path: ModulePath, which: str) -> str:
     return KEY_PREFIX + dotted_name(path) + _SUFFIXES[which]
 
 
-def peft_state_dict(lora: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The LoRA tree as PEFT's tensors: ``A.T`` (r, in) and ``B.T`` (out, r), float32, contiguous."""
+def peft_state_dict(adapter: Adapter) -> dict[str, np.ndarray]:
+    """The adapter as PEFT's tensors: ``A.T`` (r, in) and ``B.T`` (out, r), float32, contiguous."""
     tensors = {}
-    for path, (a, b) in lora_modules(lora).items():
+    for path, (a, b) in checked_modules(adapter).items():
         tensors[peft_key(path, LORA_A)] = np.ascontiguousarray(np.asarray(a, np.float32).T)
         tensors[peft_key(path, LORA_B)] = np.ascontiguousarray(np.asarray(b, np.float32).T)
     return tensors
@@ -122,42 +107,31 @@ def adapter_config_dict(
     }
 
 
-def _check_lora_for_save(lora: Mapping[str, Any], config: LoraConfig) -> None:
-    modules = lora_modules(lora)
-    if not modules:
-        raise ValueError("The LoRA tree is empty; there is nothing to save.")
-    for path, (a, b) in modules.items():
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != config.rank or b.shape[0] != config.rank:
-            raise ValueError(
-                f"LoRA module {dotted_name(path)!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, which do not "
-                f"have rank {config.rank}; save with the config the tree was made with."
-            )
-
-
 def save_adapter(
     out_dir: str | os.PathLike,
-    lora: Mapping[str, Any],
-    config: LoraConfig,
+    adapter: Adapter,
     *,
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = True,
 ) -> None:
-    """Writes a PEFT adapter directory for ``lora`` (created if missing; files replaced atomically).
+    """Writes a PEFT adapter directory for ``adapter`` (created if missing; files replaced atomically).
 
     Args:
         out_dir: Directory to write ``adapter_config.json`` and ``adapter_model.safetensors`` in.
-        lora: The LoRA tree.
-        config: The config the tree was made with.
+        adapter: The ``Adapter``; its config is what ``adapter_config.json`` records.
         base_model_name_or_path: Recorded for PEFT (e.g. ``"gpt2"`` or a checkpoint path).
         fan_in_fan_out: See ``adapter_config_dict``.
 
     Raises:
-        ValueError: The tree is empty or its shapes disagree with ``config.rank``.
+        TypeError: ``adapter`` is not an ``Adapter``.
+        ValueError: The adapter is empty or its shapes disagree with its rank.
     """
-    _check_lora_for_save(lora, config)
+    tensors = peft_state_dict(adapter)
+    if not tensors:
+        raise ValueError("The adapter has no LoRA modules; there is nothing to save.")
+    config = adapter.config
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = peft_state_dict(lora)
     # PEFT itself writes {"format": "pt"}; loaders that check the metadata expect it.
     atomic_write(out / WEIGHTS_FILE, lambda temp: safetensors.numpy.save_file(tensors, temp, metadata={"format": "pt"}))
     meta = adapter_config_dict(
@@ -166,34 +140,33 @@ def save_adapter(
     atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def config_from_adapter_dict(meta: Mapping[str, Any]) -> LoraConfig:
+def config_from_adapter_dict(meta: Mapping[str, Any], source: str = CONFIG_FILE) -> LoraConfig:
     """Reads a ``LoraConfig`` from ``adapter_config.json`` content.
 
+    The rules are ``lora_format.peft_fields``'s, the same table lora_torch reads with.
+
+    Args:
+        meta: The parsed JSON.
+        source: The file it came from, named in every message.
+
     Raises:
-        ValueError: It is not a LoRA adapter, or it uses a PEFT feature this library does not
-            implement (DoRA, per-module ranks, modules_to_save, bias training...).
+        ValueError: It is not a LoRA adapter, ``r``, ``lora_alpha`` or ``target_modules`` is missing
+            or invalid, or it uses a PEFT feature this library does not implement (DoRA, per-module
+            ranks, modules_to_save, bias training...).
     """
-    if meta.get("peft_type") != "LORA":
-        raise ValueError(f"adapter_config.json has peft_type {meta.get('peft_type')!r}; only 'LORA' adapters load here.")
-    unsupported = [
-        f"{field}={meta[field]!r}" for field, neutral in _NEUTRAL_FIELDS.items() if field in meta and meta[field] not in neutral
-    ]
-    if unsupported:
-        raise ValueError(
-            f"adapter uses PEFT features lora_jax does not implement: {', '.join(unsupported)}. "
-            "Re-create the adapter as plain LoRA (one rank, no DoRA, no extra trained modules)."
+    fields = read_adapter_config(meta, source)
+    try:
+        return LoraConfig(
+            rank=fields.rank,
+            alpha=fields.alpha,
+            target_modules=fields.target_modules,
+            dropout=fields.dropout,
+            use_rslora=fields.use_rslora,
+            layers_to_transform=fields.layers_to_transform,
+            layers_pattern=fields.layers_pattern,
         )
-    if meta.get("target_modules") is None:
-        raise ValueError("adapter_config.json has no target_modules; PEFT's model-type defaults are not supported.")
-    return LoraConfig(
-        rank=meta["r"],
-        alpha=meta["lora_alpha"],
-        target_modules=meta["target_modules"],
-        dropout=meta.get("lora_dropout", 0.0),
-        use_rslora=meta.get("use_rslora", False),
-        layers_to_transform=meta.get("layers_to_transform"),
-        layers_pattern=meta.get("layers_pattern"),
-    )
+    except (TypeError, ValueError) as err:  # a rule LoraConfig has and the shared table lacks
+        raise ValueError(f"{source}: {err}") from err
 
 
 def _read_config(directory: Path) -> LoraConfig:
@@ -206,7 +179,7 @@ def _read_config(directory: Path) -> LoraConfig:
         raise ValueError(f"{file} is not valid JSON ({err}); the adapter is damaged.") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}.")
-    return config_from_adapter_dict(meta)
+    return config_from_adapter_dict(meta, str(file))
 
 
 def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
@@ -244,15 +217,15 @@ def _check_keys_and_shapes(shapes: Mapping[str, tuple[int, ...]], params: Mappin
         raise ValueError(f"adapter tensor shapes do not fit these params: {wrong[:6]}. Wrong base model?")
 
 
-def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any]) -> tuple[dict[str, Any], LoraConfig]:
-    """Reads a PEFT adapter directory into a LoRA tree for ``params``.
+def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any]) -> Adapter:
+    """Reads a PEFT adapter directory into an ``Adapter`` for ``params``.
 
     Args:
         adapter_dir: A directory written by ``save_adapter``, ``lora_torch`` or PEFT's ``save_pretrained``.
         params: The base params it adapts (only kernel shapes are read).
 
     Returns:
-        ``(lora, config)``: float32 ``lora_A`` (in, r) and ``lora_B`` (r, out) arrays, and the config.
+        An ``Adapter`` with float32 ``lora_A`` (in, r) and ``lora_B`` (r, out) arrays and the config read from the file.
 
     Raises:
         FileNotFoundError: A file is missing.
@@ -274,4 +247,4 @@ def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any]) -> t
     for key, tensor in tensors.items():
         path, which = _module_of(key)
         entries.setdefault(path, {})[which] = jnp.asarray(tensor, jnp.float32).T
-    return nest(dict(sorted(entries.items()))), config
+    return Adapter(nest(dict(sorted(entries.items()))), config)

@@ -30,7 +30,7 @@ from lora_jax.gpt2.model import GPT2, GPT2Config
 
 __all__ = ["BaseSettings", "base_corpus", "build_base", "ensure_base", "load_tokenizer", "target_corpus"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pre-trained with the library's one Batch convention and loss builder
 CACHE_ENV = "LORA_PARITY_CACHE"
 METADATA_FILE = "embedded_base.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", METADATA_FILE)
@@ -134,7 +134,7 @@ def _encode(tokenizer, text: str) -> np.ndarray:
 
 
 def _loss_or_none(config: GPT2Config, params, ids: np.ndarray) -> float | None:
-    if len(ids) <= config.n_positions + 1:
+    if len(ids) < config.n_positions:
         return None  # too little text for one window (only with unusual settings)
     return mean_token_loss(GPT2(config), params, ids)
 

@@ -15,17 +15,17 @@ import optax
 from tqdm.auto import tqdm
 
 from lora_jax.gpt2.model import GPT2, GPT2Config, Params, init_gpt2_params
-from lora_jax.training.text_data import window_count
+from lora_jax.training.losses import Batch, lm_loss
+from lora_jax.training.text_data import heldout_windows
 
 
-def _window_loss(model: GPT2, params: Params, windows: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy over (B, T + 1) windows: positions 0..T-1 predict 1..T."""
-    logits = model.apply({"params": params}, windows[:, :-1])  # (B, T, V)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+def _base_loss(model: GPT2, params: Params, batch: Batch) -> jax.Array:
+    """The library's one next-token loss, on the base model alone (no adapter)."""
+    return lm_loss(model)(None, params, batch, None)
 
 
 # The model is hashable (a frozen config), so one compiled loss serves every call per shape.
-_jitted_window_loss = jax.jit(_window_loss, static_argnums=0)
+_jitted_base_loss = jax.jit(_base_loss, static_argnums=0)
 
 
 def pretraining_optimizer(learning_rate: float, steps: int, weight_decay: float = 0.01) -> optax.GradientTransformation:
@@ -51,7 +51,7 @@ def pretrain(
     seed: int,
     progress: bool = True,
 ) -> tuple[Params, list[float]]:
-    """Trains a fresh GPT-2 of ``config`` on windows of ``config.n_positions + 1`` tokens.
+    """Trains a fresh GPT-2 of ``config`` on random windows of ``config.n_positions`` tokens.
 
     Args:
         config: Model shape; ``n_positions`` is the training context length.
@@ -66,9 +66,9 @@ def pretrain(
         ``(params, losses)``: trained parameters and the loss of every step.
     """
     ids = np.asarray(ids, dtype=np.int32)
-    span = config.n_positions + 1
+    span = config.n_positions
     if ids.ndim != 1 or len(ids) <= span:
-        raise ValueError(f"ids must be a 1-D stream longer than {span} tokens, got shape {ids.shape}.")
+        raise ValueError(f"ids must be a 1-D stream longer than n_positions = {span} tokens, got shape {ids.shape}.")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}.")
     model = GPT2(config)
@@ -77,8 +77,8 @@ def pretrain(
     opt_state = optimizer.init(params)
 
     @jax.jit
-    def step(params: Params, opt_state: Any, windows: jax.Array):
-        loss, grads = jax.value_and_grad(_window_loss, argnums=1)(model, params, windows)
+    def step(params: Params, opt_state: Any, batch: Batch):
+        loss, grads = jax.value_and_grad(_base_loss, argnums=1)(model, params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -87,8 +87,8 @@ def pretrain(
     bar = tqdm(range(steps), desc="pre-training embedded base", disable=not progress, unit="step")
     for _ in bar:
         starts = rng.integers(0, len(ids) - span + 1, size=batch_size)
-        windows = np.stack([ids[s : s + span] for s in starts])  # (B, T + 1)
-        params, opt_state, loss = step(params, opt_state, windows)
+        windows = np.stack([ids[s : s + span] for s in starts])  # (B, T)
+        params, opt_state, loss = step(params, opt_state, Batch(windows))
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return params, losses
@@ -97,18 +97,18 @@ def pretrain(
 def mean_token_loss(model: GPT2, params: Params, ids: np.ndarray, *, batch_size: int = 16) -> float:
     """Average next-token loss (nats) over consecutive, non-overlapping windows of ``ids``.
 
-    Windows hold ``n_positions + 1`` tokens and share one token at their boundary, so each
-    token is predicted at most once. Every batch has the same shape (one compilation): the
-    windows that do not fill a last batch, and a ragged tail shorter than a window, are dropped.
+    Windows hold ``n_positions`` tokens and share one token at their boundary
+    (``lora_jax.training.text_data.heldout_windows``), so each token is predicted at most once.
+    Every batch has the same shape (one compilation): the windows that do not fill a last
+    batch, and a ragged tail shorter than a window, are dropped.
     """
-    span = model.config.n_positions + 1
-    count = window_count(len(ids), span - 1)
-    if count < 1:
+    span = model.config.n_positions
+    if len(ids) < span:
         raise ValueError(
-            f"Need at least n_positions + 1 = {span} tokens to evaluate one window, got {len(ids)}; pass more text."
+            f"Need at least n_positions = {span} tokens to evaluate one window, got {len(ids)}; pass more text."
         )
-    batch = min(batch_size, count)
-    n_batches = count // batch
-    windows = np.stack([ids[i * (span - 1) : i * (span - 1) + span] for i in range(n_batches * batch)])
-    windows = windows.astype(np.int32).reshape(n_batches, batch, span)  # (N, B, T + 1)
-    return float(np.mean([float(_jitted_window_loss(model, params, chunk)) for chunk in windows]))
+    windows = heldout_windows(ids, span)
+    batch = min(batch_size, len(windows))
+    n_batches = len(windows) // batch
+    windows = windows[: n_batches * batch].reshape(n_batches, batch, span)  # (N, B, T)
+    return float(np.mean([float(_jitted_base_loss(model, params, Batch(chunk))) for chunk in windows]))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.atomic_files import atomic_write, atomic_write_text
-from lora_jax.gpt2.model import GPT2Config, Params
+from lora_jax.gpt2.model import GPT2Config, Params, _read_hf_config
 from lora_jax.lora_tree import nest
 
 _PREFIX = "transformer."
@@ -43,11 +43,14 @@ def hf_layout(config: GPT2Config) -> dict[str, tuple[tuple[str, ...], tuple[int,
         "ln_f.weight": (("ln_f", "scale"), (d,)),
         "ln_f.bias": (("ln_f", "bias"), (d,)),
     }
-    dense = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
+    inner = config.inner_dim
+    dense = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, inner), "mlp.c_proj": (inner, d)}
     for i in range(config.n_layer):
         for ln in ("ln_1", "ln_2"):
             layout[f"h.{i}.{ln}.weight"] = (("h", str(i), ln, "scale"), (d,))
             layout[f"h.{i}.{ln}.bias"] = (("h", str(i), ln, "bias"), (d,))
+        if config.activation_function == "prelu":  # nn.PReLU's one learned slope
+            layout[f"h.{i}.mlp.act.weight"] = (("h", str(i), "mlp", "act", "weight"), (1,))
         for name, (fan_in, fan_out) in dense.items():
             path = ("h", str(i), *name.split("."))
             layout[f"h.{i}.{name}.weight"] = ((*path, flax_leaf["weight"]), (fan_in, fan_out))
@@ -65,12 +68,14 @@ def load_gpt2(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float32) ->
 
     Raises:
         FileNotFoundError: The directory lacks a config or weights file.
-        ValueError: Keys are missing, unexpected or mis-shaped, or the LM head is not tied.
+        ValueError: The config uses an option this model lacks (see ``GPT2Config.from_hf``); keys
+            are missing, unexpected or mis-shaped; or the LM head is not tied.
         OSError: A hub id could not be downloaded (offline, unknown id).
     """
     model_dir = resolve_model_dir(path_or_hub_id)
-    config = GPT2Config.from_hf(model_dir)
-    tensors = _checked_tensors(_read_weights(model_dir), config)
+    hf = _read_hf_config(model_dir)
+    config = GPT2Config.from_hf(hf)
+    tensors = _checked_tensors(_read_weights(model_dir), config, tied=bool(hf.get("tie_word_embeddings", True)))
     params = nest({path: jnp.asarray(tensors[key], dtype=dtype) for key, (path, _) in hf_layout(config).items()})
     return config, params
 
@@ -134,8 +139,15 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
     return {key: value.detach().float().numpy() for key, value in state.items()}
 
 
-def _checked_tensors(raw: Mapping[str, np.ndarray], config: GPT2Config) -> dict[str, np.ndarray]:
-    """Strips the prefix, drops buffers, checks the tied head, and validates every key and shape."""
+def _checked_tensors(
+    raw: Mapping[str, np.ndarray], config: GPT2Config, *, tied: bool = True
+) -> dict[str, np.ndarray]:
+    """Strips the prefix, drops buffers, checks the tied head, and validates every key and shape.
+
+    ``tied`` is the checkpoint's ``tie_word_embeddings``. When it is false, transformers uses
+    ``lm_head.weight`` as stored (or a random head if none is stored), so the checkpoint loads
+    only if that head exists and equals ``wte``.
+    """
     tensors = {key.removeprefix(_PREFIX): value for key, value in raw.items()}
     tensors = {key: value for key, value in tensors.items() if not key.endswith(_IGNORED_SUFFIXES)}
     head = tensors.pop("lm_head.weight", None)
@@ -149,8 +161,18 @@ def _checked_tensors(raw: Mapping[str, np.ndarray], config: GPT2Config) -> dict[
     ]
     if problems:
         raise ValueError("Checkpoint does not match its config.json: " + "; ".join(problems) + ".")
+    if not tied and head is None:
+        raise ValueError(
+            "config.json sets tie_word_embeddings false but stores no lm_head.weight, so transformers would "
+            "start from a random output head. This Flax GPT-2 ties lm_head to wte; set tie_word_embeddings "
+            "true if the head is meant to be tied."
+        )
     if head is not None and not np.array_equal(head, tensors["wte.weight"]):
-        raise ValueError("lm_head.weight differs from wte.weight; this GPT-2 requires a tied output head.")
+        raise ValueError(
+            "lm_head.weight differs from wte.weight (config.json tie_word_embeddings is "
+            f"{str(tied).lower()}); this Flax GPT-2 ties its output head to wte, so it cannot hold this "
+            "checkpoint. Use a checkpoint whose head is tied."
+        )
     return tensors
 
 
@@ -208,9 +230,13 @@ def _hf_config_dict(config: GPT2Config) -> dict[str, Any]:
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
-        "n_inner": None,
+        "n_inner": config.n_inner,
         "layer_norm_epsilon": config.layer_norm_epsilon,
-        "activation_function": "gelu_new",
+        "activation_function": config.activation_function,
+        "scale_attn_weights": config.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
+        "reorder_and_upcast_attn": config.reorder_and_upcast_attn,
+        "add_cross_attention": False,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,

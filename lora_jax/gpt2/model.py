@@ -9,6 +9,11 @@ PyTorch module name, and every projection is a ``flax.linen.Dense`` whose kernel
 The model has no dropout. It always runs with eval semantics, which is what LoRA needs
 from a frozen base; dropout on the LoRA branch lives in the LoRA transform.
 
+Every ``transformers.GPT2Config`` option that changes the forward pass is implemented the way
+``models/gpt2/modeling_gpt2.py`` implements it: ``n_inner``, ``activation_function`` (the
+``ACTIVATIONS`` table), ``scale_attn_weights``, ``scale_attn_by_inverse_layer_idx``,
+``reorder_and_upcast_attn`` and ``layer_norm_epsilon``. ``docs/gpt2_flax.md`` has the table.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> config = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
@@ -24,6 +29,7 @@ import json
 import math
 from os import PathLike
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -32,10 +38,61 @@ import jax.numpy as jnp
 
 Params = dict[str, Any]
 
-# HF activation names that mean GELU with the tanh approximation (GPT-2's "gelu_new").
-_TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # GPT-2's initialiser: normal(0.02) for embeddings and kernels.
 _INIT_STD = 0.02
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), OpenAI GPT-2's "gelu_new".
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    # The exact GELU, x Phi(x); differs from the tanh form by up to ~5e-4, far above 1e-5.
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fast(x: jax.Array) -> jax.Array:
+    # transformers' FastGELUActivation: the tanh form with its own rounded constant.
+    return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def _laplace(x: jax.Array) -> jax.Array:
+    # transformers' LaplaceActivation with its default mu and sigma.
+    return 0.5 * (1.0 + jax.lax.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0))))
+
+
+# transformers' ACT2FN name -> the same function in JAX (transformers/activations.py).
+# "prelu" is absent: it has a learned slope, so the MLP builds a ``PReLU`` module for it.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_fast": _gelu_fast,
+    "gelu": _gelu_erf,
+    "gelu_python": _gelu_erf,
+    "gelu_10": lambda x: jnp.clip(_gelu_erf(x), -10.0, 10.0),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu6": jax.nn.relu6,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, negative_slope=0.01),  # torch's default slope
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "hardswish": jax.nn.hard_swish,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "sqrtsoftplus": lambda x: jnp.sqrt(jax.nn.softplus(x)),
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "laplace": _laplace,
+    "linear": lambda x: x,
+}
+_LEARNED_ACTIVATIONS = ("prelu",)
+# In ACT2FN but not here, with the reason given in the error.
+_UNSUPPORTED_ACTIVATIONS = {
+    "xielu": "its learned parameters are stored and applied in bfloat16 inside a float32 model",
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,6 +106,15 @@ class GPT2Config:
         n_layer: Number of transformer blocks.
         n_head: Attention heads; must divide ``n_embd``.
         layer_norm_epsilon: LayerNorm epsilon.
+        n_inner: Width of the MLP's hidden layer; ``None`` means ``4 * n_embd``.
+        activation_function: The MLP's activation, a transformers ``ACT2FN`` name: a key of
+            ``ACTIVATIONS``, or ``"prelu"`` (one learned slope per layer, ``mlp.act.weight``).
+        scale_attn_weights: Divide attention scores by ``sqrt(head_dim)``.
+        scale_attn_by_inverse_layer_idx: Also divide the scores of block ``i`` by ``i + 1``.
+        reorder_and_upcast_attn: transformers' eager-attention flag that computes ``q k^T`` and
+            the softmax in float32 under mixed precision. This model always does (see
+            ``docs/gpt2_flax.md``), so the flag changes nothing here; it is kept so that
+            ``save_gpt2`` writes it back.
     """
 
     vocab_size: int = 50257
@@ -57,12 +123,25 @@ class GPT2Config:
     n_layer: int = 12
     n_head: int = 12
     layer_norm_epsilon: float = 1e-5
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}.")
+        if self.n_inner is not None and (
+            not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool) or self.n_inner < 1
+        ):
+            raise ValueError(f"GPT2Config.n_inner must be None (4 * n_embd) or a positive int, got {self.n_inner!r}.")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPT2Config.{name} must be True or False, got {getattr(self, name)!r}.")
+        _check_activation(self.activation_function)
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -75,6 +154,23 @@ class GPT2Config:
     def head_dim(self) -> int:
         """Size of one attention head (hs)."""
         return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the MLP's hidden layer (I): ``n_inner``, or ``4 * n_embd`` when unset."""
+        return 4 * self.n_embd if self.n_inner is None else self.n_inner
+
+    def attention_scale(self, layer_idx: int) -> float:
+        """The factor block ``layer_idx`` multiplies ``q k^T`` by, computed as transformers does.
+
+        Example:
+            >>> GPT2Config(n_embd=64, n_head=4, scale_attn_by_inverse_layer_idx=True).attention_scale(1)
+            0.125
+        """
+        scale = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        return scale
 
     @classmethod
     def from_hf(cls, source: dict[str, Any] | str | PathLike) -> GPT2Config:
@@ -104,23 +200,36 @@ def _read_hf_config(source: dict[str, Any] | str | PathLike) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _check_activation(name: Any) -> None:
+    if name in ACTIVATIONS or name in _LEARNED_ACTIVATIONS:
+        return
+    if name in _UNSUPPORTED_ACTIVATIONS:
+        raise ValueError(
+            f"GPT2Config.activation_function {name!r} is not implemented in the Flax GPT-2: "
+            f"{_UNSUPPORTED_ACTIVATIONS[name]}. Use a checkpoint with another activation, "
+            "or run it with transformers."
+        )
+    supported = ", ".join(sorted([*ACTIVATIONS, *_LEARNED_ACTIVATIONS]))
+    raise ValueError(f"GPT2Config.activation_function {name!r} is unknown; choose one of: {supported}.")
+
+
 def _reject_unsupported_variants(hf: dict[str, Any]) -> None:
-    """Refuses HF options that would silently change the math of this implementation."""
+    """Refuses HF options that change the math and that this implementation does not have.
+
+    Options that only matter for training (dropout), initialisation, other heads (``summary_*``),
+    generation defaults or the choice of attention kernel are accepted and ignored.
+    """
     problems = []
     if hf.get("model_type", "gpt2") != "gpt2":
-        problems.append(f"model_type is {hf['model_type']!r}, expected 'gpt2'")
-    if hf.get("activation_function", "gelu_new") not in _TANH_GELU_NAMES:
-        problems.append(f"activation_function {hf['activation_function']!r} is not tanh-GELU")
-    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)):
-        problems.append(f"n_inner {hf['n_inner']} is not 4 * n_embd")
-    if not hf.get("scale_attn_weights", True):
-        problems.append("scale_attn_weights is false")
-    if hf.get("scale_attn_by_inverse_layer_idx", False):
-        problems.append("scale_attn_by_inverse_layer_idx is true")
+        problems.append(f"model_type is {hf['model_type']!r}: this is not a GPT-2 checkpoint; load it with its own model")
     if hf.get("add_cross_attention", False):
-        problems.append("add_cross_attention is true")
+        problems.append(
+            "add_cross_attention is true: this Flax GPT-2 has no cross-attention layers "
+            "(crossattention.*, ln_cross_attn.*); use a decoder-only checkpoint (add_cross_attention false) "
+            "or run the encoder-decoder model with transformers"
+        )
     if problems:
-        raise ValueError("Unsupported GPT-2 config: " + "; ".join(problems) + ". Use a standard GPT-2 config.")
+        raise ValueError("Unsupported GPT-2 config: " + "; ".join(problems) + ".")
 
 
 def gpt2_small() -> GPT2Config:
@@ -188,9 +297,15 @@ def _dense(features: int, name: str, dtype: Any, param_dtype: Any, std: float) -
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; ``c_attn`` packs q, k, v along its output axis."""
+    """Multi-head causal self-attention; ``c_attn`` packs q, k, v along its output axis.
+
+    ``jax.nn.dot_product_attention`` forms ``q k^T`` with float32 accumulation and output, and
+    takes the softmax in float32, whatever the compute dtype: the "upcast" of transformers'
+    ``reorder_and_upcast_attn``, always on.
+    """
 
     config: GPT2Config
+    layer_idx: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -198,10 +313,11 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None, start: jax.Array | None):
         cfg = self.config
         b, t, d = x.shape
+        scale = cfg.attention_scale(self.layer_idx)
         qkv = _dense(3 * d, "c_attn", self.dtype, self.param_dtype, _INIT_STD)(x)  # (B, T, 3D)
         q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))  # (B, T, nh, hs)
         if layer_cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, nh, hs)
+            y = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)  # (B, T, nh, hs)
             new_layer_cache = None
         else:
             k_all, v_all = (
@@ -212,14 +328,28 @@ class CausalSelfAttention(nn.Module):
             q_pos = start + jnp.arange(t)  # (T,)
             kv_pos = jnp.arange(k_all.shape[1])  # (S,)
             mask = (kv_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
-            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
+            y = jax.nn.dot_product_attention(
+                q, k_all.astype(q.dtype), v_all.astype(q.dtype), scale=scale, mask=mask
+            )  # (B, T, nh, hs)
             new_layer_cache = (k_all, v_all)
         y = y.reshape(b, t, d)  # (B, T, D)
         return _dense(d, "c_proj", self.dtype, self.param_dtype, _residual_std(cfg))(y), new_layer_cache
 
 
+class PReLU(nn.Module):
+    """torch's ``nn.PReLU()``: ``x`` where ``x >= 0``, else ``weight * x``, one learned slope."""
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.constant(0.25), (1,), self.param_dtype)  # torch's init
+        return jnp.where(x >= 0, x, weight.astype(self.dtype) * x)
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward: D -> 4D -> tanh-GELU -> D."""
+    """Position-wise feed-forward: D -> I -> activation -> D (I = ``config.inner_dim``)."""
 
     config: GPT2Config
     dtype: Any = jnp.float32
@@ -227,10 +357,13 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        d = self.config.n_embd
-        h = _dense(4 * d, "c_fc", self.dtype, self.param_dtype, _INIT_STD)(x)  # (B, T, 4D)
-        h = jax.nn.gelu(h, approximate=True)  # HF "gelu_new"
-        return _dense(d, "c_proj", self.dtype, self.param_dtype, _residual_std(self.config))(h)  # (B, T, D)
+        cfg = self.config
+        h = _dense(cfg.inner_dim, "c_fc", self.dtype, self.param_dtype, _INIT_STD)(x)  # (B, T, I)
+        if cfg.activation_function == "prelu":
+            h = PReLU(self.dtype, self.param_dtype, name="act")(h)  # HF's path: mlp.act.weight
+        else:
+            h = ACTIVATIONS[cfg.activation_function](h)
+        return _dense(cfg.n_embd, "c_proj", self.dtype, self.param_dtype, _residual_std(cfg))(h)  # (B, T, D)
 
 
 class Block(nn.Module):
@@ -239,12 +372,13 @@ class Block(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    layer_idx: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None, start: jax.Array | None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln_kw = dict(epsilon=self.config.layer_norm_epsilon, **kw)
-        a, new_layer_cache = CausalSelfAttention(self.config, name="attn", **kw)(
+        a, new_layer_cache = CausalSelfAttention(self.config, self.layer_idx, name="attn", **kw)(
             nn.LayerNorm(name="ln_1", **ln_kw)(x), layer_cache, start
         )
         x = x + a
@@ -267,7 +401,8 @@ class BlockStack(nn.Module):
         keys, values = [], []
         for i in range(self.config.n_layer):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, new_layer_cache = block_cls(self.config, self.dtype, self.param_dtype, name=str(i))(x, layer_cache, start)
+            block = block_cls(self.config, self.dtype, self.param_dtype, layer_idx=i, name=str(i))
+            x, new_layer_cache = block(x, layer_cache, start)
             if new_layer_cache is not None:
                 keys.append(new_layer_cache[0])
                 values.append(new_layer_cache[1])

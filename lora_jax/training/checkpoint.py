@@ -2,7 +2,7 @@
 
 A checkpoint is a directory ``step_00000100/`` under a checkpoint root, holding
 
-- ``state.safetensors``: every array leaf of the LoRA tree (``lora.<dotted path>``), of the
+- ``state.safetensors``: every array leaf of the adapter (``adapter.<dotted path>``), of the
   optax state (``opt_state.<dotted path>``) and the RNG key (``rng_key``);
 - ``manifest.json``: format version, step, ``examples_seen`` (the data position, see
   :mod:`lora_jax.training.text_data`), the per-step training losses so far, the run config the
@@ -14,14 +14,14 @@ the latest good one. Restores validate the manifest, the run config and every te
 shape and dtype against templates before building any state.
 
 >>> import tempfile, jax.numpy as jnp
->>> state = TrainState(step=3, lora={"w": jnp.ones((2, 2))}, opt_state=(jnp.zeros((), jnp.int32),),
+>>> state = TrainState(step=3, adapter={"w": jnp.ones((2, 2))}, opt_state=(jnp.zeros((), jnp.int32),),
 ...                    rng_key=jnp.array([0, 7], jnp.uint32), examples_seen=12, losses=(2.5, 2.0, 1.5))
 >>> root = tempfile.mkdtemp()
 >>> path = save_checkpoint(root, state, {"rank": 4})
 >>> path.name, latest_checkpoint(root) == path
 ('step_00000003', True)
 >>> back = restore_checkpoint(path, state, {"rank": 4})
->>> back.step, back.examples_seen, back.losses, float(back.lora["w"].sum())
+>>> back.step, back.examples_seen, back.losses, float(back.adapter["w"].sum())
 (3, 12, (2.5, 2.0, 1.5), 4.0)
 """
 
@@ -45,7 +45,7 @@ from safetensors.numpy import save_file
 from lora_jax.atomic_files import fsync_path
 
 FORMAT_NAME = "lora-parity-train-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the adapter value (weights + static config) under the name 'adapter'
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "state.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -56,8 +56,8 @@ class TrainState(NamedTuple):
 
     Attributes:
         step: optimizer steps completed.
-        lora: the LoRA parameter tree.
-        opt_state: the optax state for ``lora``.
+        adapter: the ``lora_jax.Adapter`` being trained (any pytree of arrays works).
+        opt_state: the optax state for ``adapter``.
         rng_key: the run's base PRNG key (raw ``uint32`` or typed key).
         examples_seen: training windows consumed, the data position.
         losses: training loss of every completed step, for the loss curve.
@@ -65,7 +65,7 @@ class TrainState(NamedTuple):
     """
 
     step: int
-    lora: Any
+    adapter: Any
     opt_state: Any
     rng_key: Any
     examples_seen: int
@@ -92,7 +92,7 @@ def _named_leaves(state: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
     """Flat ``{name: leaf}`` per tree plus treedefs to rebuild it."""
     named, treedefs = {}, {}
     key = state.rng_key
-    trees = {"lora": state.lora, "opt_state": state.opt_state,
+    trees = {"adapter": state.adapter, "opt_state": state.opt_state,
              "rng_key": jax.random.key_data(key) if _is_typed_key(key) else key}
     for prefix, tree in trees.items():
         leaves, treedefs[prefix] = jax.tree_util.tree_flatten_with_path(tree)
@@ -275,7 +275,7 @@ def restore_checkpoint(path: str | os.PathLike, template: TrainState,
     key = trees["rng_key"]
     if _is_typed_key(template.rng_key):
         key = jax.random.wrap_key_data(key, impl=jax.random.key_impl(template.rng_key))
-    return TrainState(step=int(manifest["step"]), lora=trees["lora"], opt_state=trees["opt_state"],
+    return TrainState(step=int(manifest["step"]), adapter=trees["adapter"], opt_state=trees["opt_state"],
                       rng_key=key, examples_seen=int(manifest["examples_seen"]),
                       losses=tuple(float(x) for x in manifest["losses"]),
                       evals=tuple((int(s), float(v)) for s, v in manifest["evals"]))

@@ -15,13 +15,10 @@ Without differentiation the plain forward runs and no gradient work is done.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
-__all__ = ["chunked_cross_entropy", "chunked_next_token_loss", "gpt2_chunked_lm_loss"]
+__all__ = ["chunked_cross_entropy", "chunked_next_token_loss"]
 
 
 def _validate(hidden: jax.Array, embedding: jax.Array, targets: jax.Array, weights, chunk_size: int) -> None:
@@ -209,37 +206,3 @@ def chunked_next_token_loss(
     weights = jnp.roll(real, -1, axis=1).at[:, -1].set(0.0)
     return chunked_cross_entropy(hidden, embedding, targets, weights,
                                  chunk_size=chunk_size, embedding_grad=embedding_grad)
-
-
-def gpt2_chunked_lm_loss(model: Any, config: Any, *, chunk_size: int = 128) -> Any:
-    """``loss_fn(lora, frozen, batch, rng)`` for ``make_train_step``, with the chunked head.
-
-    Same value as ``lora_jax.gpt2_lm_loss`` (which builds the full logits), computed from
-    ``GPT2.hidden`` and the frozen tied ``wte``. ``batch`` is ``{"input_ids": (B, T)}`` plus an
-    optional ``"mask"``; ``rng`` feeds LoRA dropout (None disables it).
-
-    Example:
-        >>> import jax
-        >>> from lora_jax import LoraConfig, init_lora
-        >>> from lora_jax.gpt2.model import GPT2, GPT2Config, init_gpt2_params
-        >>> gpt = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
-        >>> params = init_gpt2_params(gpt, jax.random.key(0))
-        >>> config = LoraConfig(rank=2, target_modules=["c_attn"])
-        >>> loss_fn = gpt2_chunked_lm_loss(GPT2(gpt), config, chunk_size=4)
-        >>> lora = init_lora(params, config, jax.random.key(1))
-        >>> loss_fn(lora, params, {"input_ids": jnp.zeros((2, 5), jnp.int32)}, None).shape
-        ()
-    """
-    # Imported here: the loss core above needs no LoRA code.
-    from lora_jax.forward import lora_apply
-    from lora_jax.training.losses import batch_fields
-
-    forward = lora_apply(model.apply, config)
-
-    def loss_fn(lora: Any, frozen: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None) -> jax.Array:
-        input_ids, mask = batch_fields(batch)
-        hidden = forward(frozen, lora, input_ids, dropout_rng=rng, method="hidden")
-        embedding = frozen["transformer"]["wte"]["embedding"]
-        return chunked_next_token_loss(hidden, embedding, input_ids, mask, chunk_size=chunk_size)
-
-    return loss_fn

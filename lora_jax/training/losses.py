@@ -1,9 +1,11 @@
-"""Language-model losses, and the ``loss_fn(lora, frozen, batch, rng)`` that training takes.
+"""One batch convention and one loss builder, for training, evaluation and pre-training.
 
-A batch is a dict: ``{"input_ids": (B, T) ints}`` plus an optional ``"mask"`` (B, T) of 0/1,
-where 1 marks a real token. Position ``t`` predicts ``input_ids[:, t + 1]``; a prediction
-counts when its target is a real token (``mask[:, t + 1]``), the same rule as
-``lora_jax.training.chunked_loss``.
+A ``Batch`` holds ``input_ids`` (B, T) and an optional ``mask`` (B, T) of 0/1, where 1 marks a
+real token. The loss shifts inside: position ``t`` predicts ``input_ids[:, t + 1]``, and a
+prediction counts when its target is a real token (``mask[:, t + 1]``). ``lm_loss`` builds the
+``loss_fn(adapter, frozen, batch, rng)`` that ``make_train_step`` takes, with the full logits or
+with the chunked LM head (``chunk_size=``), which gives the same value without ever holding the
+(B, T, V) logits.
 
 Example:
     >>> import jax.numpy as jnp
@@ -14,16 +16,31 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_jax.config import LoraConfig
 from lora_jax.forward import lora_apply
+from lora_jax.training.chunked_loss import chunked_next_token_loss
 from lora_jax.training.step import LossFn
+
+
+class Batch(NamedTuple):
+    """Token ids and an optional real-token mask; a pytree, so it jits and shards.
+
+    Attributes:
+        input_ids: (B, T) integer token ids.
+        mask: Optional (B, T) 0/1 mask; 0 marks padding, whose targets do not count.
+
+    >>> Batch(jnp.zeros((2, 5), jnp.int32)).mask is None
+    True
+    """
+
+    input_ids: jax.Array
+    mask: jax.Array | None = None
 
 
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -54,59 +71,85 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, mask: jax.Array | N
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def batch_fields(batch: Any) -> tuple[jax.Array, jax.Array | None]:
-    """``(input_ids, mask or None)`` of a batch dict; a clear TypeError for anything else.
+def check_batch(batch: Any) -> Batch:
+    """``batch`` itself when it is a ``Batch`` of (B, T) ids; a TypeError naming the fix otherwise.
 
-    >>> batch_fields({"input_ids": jnp.zeros((1, 2), jnp.int32)})[1] is None
-    True
+    >>> check_batch({"input_ids": jnp.zeros((1, 2), jnp.int32)})
+    Traceback (most recent call last):
+    ...
+    TypeError: batch must be a lora_jax.Batch(input_ids, mask=None), got dict; wrap it as lora_jax.Batch(**batch).
     """
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+    if not isinstance(batch, Batch):
+        hint = "lora_jax.Batch(**batch)" if isinstance(batch, dict) else "lora_jax.Batch(input_ids, mask)"
         raise TypeError(
-            "batch must be a dict with 'input_ids' (B, T) and optionally 'mask' (B, T); "
-            f"got {type(batch).__name__}{' with keys ' + str(sorted(batch)) if isinstance(batch, Mapping) else ''}."
+            f"batch must be a lora_jax.Batch(input_ids, mask=None), got {type(batch).__name__}; wrap it as {hint}."
         )
-    return batch["input_ids"], batch.get("mask")
+    if getattr(batch.input_ids, "ndim", None) != 2:
+        raise ValueError(f"Batch.input_ids must be (B, T) token ids, got shape {getattr(batch.input_ids, 'shape', None)}.")
+    return batch
 
 
-def causal_lm_loss(apply_fn: Callable[..., jax.Array], config: LoraConfig) -> LossFn:
-    """``loss_fn(lora, frozen, batch, rng)`` for any model whose ``apply`` maps ids to logits.
+def lm_loss(model: Any, *, chunk_size: int | None = None) -> LossFn:
+    """The next-token ``loss_fn(adapter, frozen, batch, rng)`` for a Flax language model.
+
+    ``adapter`` is an ``Adapter`` (differentiated by ``make_train_step``) or None for the base
+    model alone (pre-training differentiates ``frozen`` instead). ``rng`` feeds LoRA dropout;
+    None disables it.
 
     Args:
-        apply_fn: ``model.apply``, called as ``apply_fn({"params": frozen}, input_ids)``
-            and returning (B, T, V) logits.
-        config: The LoRA config; ``rng`` feeds its dropout (pass None to the loss to disable).
-    """
-    forward = lora_apply(apply_fn, config)
+        model: A Flax module whose ``apply`` maps (B, T) ids to (B, T, V) logits, e.g.
+            ``lora_jax.GPT2``.
+        chunk_size: None for the full logits; an int computes the loss through the tied LM head
+            in chunks of that many tokens (``lora_jax.training.chunked_loss``), which needs a
+            ``GPT2`` (its ``hidden`` method and tied ``wte``). The chunked path does not
+            differentiate the tied embedding, so it is for LoRA training, not pre-training.
 
-    def loss_fn(lora: Any, frozen: Any, batch: Any, rng: jax.Array | None) -> jax.Array:
-        input_ids, mask = batch_fields(batch)
-        logits = forward(frozen, lora, input_ids, dropout_rng=rng)
-        return next_token_loss(logits, input_ids, mask)
-
-    return loss_fn
-
-
-def gpt2_lm_loss(model: Any, config: LoraConfig) -> LossFn:
-    """``causal_lm_loss`` for this project's ``lora_jax.gpt2.model.GPT2``.
+    Raises:
+        TypeError: ``model`` has no ``apply``, or ``chunk_size`` is set for a model without a tied head.
 
     Example:
         >>> import jax
+        >>> from lora_jax.config import LoraConfig
         >>> from lora_jax.gpt2.model import GPT2, GPT2Config, init_gpt2_params
         >>> from lora_jax.initialize import init_lora
         >>> gpt = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
         >>> params = init_gpt2_params(gpt, jax.random.key(0))
-        >>> lora_config = LoraConfig(rank=2, target_modules=["c_attn"])
-        >>> lora = init_lora(params, lora_config, jax.random.key(1))
-        >>> loss_fn = gpt2_lm_loss(GPT2(gpt), lora_config)
-        >>> loss = jax.eval_shape(loss_fn, lora, params, {"input_ids": jnp.zeros((2, 5), jnp.int32)}, None)
-        >>> loss.shape, str(loss.dtype)
-        ((), 'float32')
+        >>> adapter = init_lora(params, LoraConfig(rank=2, target_modules=["c_attn"]), jax.random.key(1))
+        >>> batch = Batch(jnp.arange(10).reshape(2, 5) % 11)
+        >>> full, chunked = lm_loss(GPT2(gpt)), lm_loss(GPT2(gpt), chunk_size=4)
+        >>> bool(jnp.allclose(full(adapter, params, batch, None), chunked(adapter, params, batch, None), atol=1e-5))
+        True
     """
-    from lora_jax.gpt2.model import GPT2  # the model module is only needed for this helper
+    apply_fn = getattr(model, "apply", None)
+    if not callable(apply_fn):
+        raise TypeError(f"lm_loss needs a Flax module with .apply (e.g. lora_jax.GPT2), got {type(model).__name__}.")
+    forward = lora_apply(apply_fn)
+    if chunk_size is None:
+        def loss_fn(adapter: Any, frozen: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
+            batch = check_batch(batch)
+            logits = forward(frozen, adapter, batch.input_ids, dropout_rng=rng)  # (B, T, V)
+            return next_token_loss(logits, batch.input_ids, batch.mask)
 
-    if not isinstance(model, GPT2):
+        return loss_fn
+    if not callable(getattr(model, "hidden", None)):
         raise TypeError(
-            f"gpt2_lm_loss needs a lora_jax.gpt2.model.GPT2, got {type(model).__name__}; "
-            "for another Flax model use causal_lm_loss(model.apply, config)."
+            f"lm_loss(chunk_size=...) needs a model with a tied LM head and a hidden() method (lora_jax.GPT2), "
+            f"got {type(model).__name__}; use chunk_size=None for other models."
         )
-    return causal_lm_loss(model.apply, config)
+
+    def chunked_loss_fn(adapter: Any, frozen: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
+        batch = check_batch(batch)
+        hidden = forward(frozen, adapter, batch.input_ids, dropout_rng=rng, method="hidden")  # (B, T, D)
+        embedding = frozen["transformer"]["wte"]["embedding"]  # the tied head; frozen under LoRA
+        return chunked_next_token_loss(hidden, embedding, batch.input_ids, batch.mask, chunk_size=chunk_size)
+
+    return chunked_loss_fn
+
+
+def eval_loss(loss_fn: Callable[..., jax.Array]) -> Callable[[Any, Any, Batch], jax.Array]:
+    """``loss_fn`` without dropout, for evaluation: ``fn(adapter, frozen, batch)``.
+
+    >>> eval_loss(lambda a, f, b, rng: rng)(None, None, None) is None
+    True
+    """
+    return lambda adapter, frozen, batch: loss_fn(adapter, frozen, batch, None)

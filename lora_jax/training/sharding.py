@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lora_jax.adapter import Adapter
 from lora_jax.lora_tree import LORA_A, LORA_B, get_module
 
 __all__ = [
@@ -173,6 +174,9 @@ def lora_partition_specs(lora: Any, params: Any, fsdp_size: int) -> Any:
         >>> tuple(specs["lora_A"]), tuple(specs["lora_B"])
         ((None, None), (None, 'fsdp'))
     """
+
+    if isinstance(lora, Adapter):  # the specs of its weights, in an Adapter of the same config
+        return Adapter(lora_partition_specs(lora.weights, params, fsdp_size), lora.config)
 
     def spec(path: tuple, leaf: Any) -> PartitionSpec:
         names = [_key_name(entry) for entry in path]

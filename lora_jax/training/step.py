@@ -2,9 +2,10 @@
 
 Two ways to train, both leaving the base weights bit-identical:
 
-- ``make_train_step(loss_fn, tx)``: the preferred path. The frozen params and the LoRA tree are
-  separate arguments and ``jax.value_and_grad`` differentiates the LoRA argument only, so no
-  gradient of a base weight is ever computed and ``tx`` keeps state for LoRA leaves only.
+- ``make_train_step(loss_fn, tx)``: the preferred path. The frozen params and the ``Adapter`` are
+  separate arguments and ``jax.value_and_grad`` differentiates the adapter only, so no
+  gradient of a base weight is ever computed and ``tx`` keeps state for LoRA leaves only. The
+  adapter's config is static pytree data: it rides through the step untouched.
 - ``lora_optimizer(tx)``: for code that keeps one combined tree (``combine(frozen, lora)``).
   It routes LoRA leaves to ``tx`` and every other leaf to ``optax.set_to_zero()`` with
   ``optax.partition``, so frozen leaves get zero updates and no optimizer state.
@@ -48,27 +49,28 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, donate: bool = True) -> TrainStep:
-    """A jitted ``step(lora, opt_state, frozen, batch, rng) -> (lora, opt_state, metrics)``.
+    """A jitted ``step(adapter, opt_state, frozen, batch, rng) -> (adapter, opt_state, metrics)``.
 
     Args:
-        loss_fn: ``loss_fn(lora, frozen, batch, rng) -> scalar``; differentiated w.r.t. ``lora`` only.
-        tx: The optax optimizer; its state comes from ``tx.init(lora)``.
-        donate: Donate the ``lora`` and ``opt_state`` buffers to the step, so XLA updates them
+        loss_fn: ``loss_fn(adapter, frozen, batch, rng) -> scalar`` (e.g. ``lm_loss(model)``);
+            differentiated w.r.t. ``adapter`` only. Any pytree works as the adapter.
+        tx: The optax optimizer; its state comes from ``tx.init(adapter)``.
+        donate: Donate the ``adapter`` and ``opt_state`` buffers to the step, so XLA updates them
             in place; the arrays passed in are then invalid after the call.
 
     Returns:
         The step. ``metrics`` holds ``loss`` and ``grad_norm`` (global L2 norm of the LoRA gradient).
     """
     if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(lora, frozen, batch, rng), got {loss_fn!r}.")
+        raise TypeError(f"loss_fn must be callable as loss_fn(adapter, frozen, batch, rng), got {loss_fn!r}.")
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(f"tx must be an optax.GradientTransformation (e.g. optax.adamw(1e-4)), got {tx!r}.")
 
-    def step(lora: Any, opt_state: Any, frozen: Any, batch: Any, rng: jax.Array):
-        loss, grads = jax.value_and_grad(loss_fn)(lora, frozen, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, lora)
-        lora = optax.apply_updates(lora, updates)
-        return lora, opt_state, {"loss": loss, "grad_norm": global_norm(grads)}
+    def step(adapter: Any, opt_state: Any, frozen: Any, batch: Any, rng: jax.Array):
+        loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
+        updates, opt_state = tx.update(grads, opt_state, adapter)
+        adapter = optax.apply_updates(adapter, updates)
+        return adapter, opt_state, {"loss": loss, "grad_norm": global_norm(grads)}
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 

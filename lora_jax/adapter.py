@@ -1,0 +1,110 @@
+"""The adapter value: LoRA arrays and the config they were made with, as one pytree.
+
+An ``Adapter`` holds ``weights``, a nested dict that mirrors the adapted modules' paths
+(``{...path...: {"lora_A": (in, r), "lora_B": (r, out)}}``, see ``lora_jax.lora_tree``), and
+``config``, the ``LoraConfig`` that made them. The arrays are the pytree's leaves and the config
+is static data, so an adapter goes through ``jax.jit``, ``jax.grad``, optax and sharding like
+any tree of arrays, and every function that needs the scale reads it from the adapter itself:
+a merge with an alpha other than the one trained with cannot happen silently.
+
+The value is built to grow: the scale is asked per module (``Adapter.scaling``), so per-module
+ranks and alphas can enter through the config; a variant's extra leaves sit beside ``lora_A``
+and ``lora_B`` in the module's dict; several named adapters are a mapping of such values; the
+frozen base (plain or quantized) is never part of it.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from lora_jax.config import LoraConfig
+    >>> config = LoraConfig(rank=1, alpha=2.0, target_modules=["dense"])
+    >>> adapter = Adapter({"dense": {"lora_A": jnp.ones((3, 1)), "lora_B": jnp.zeros((1, 2))}}, config)
+    >>> [leaf.shape for leaf in jax.tree_util.tree_leaves(adapter)]
+    [(3, 1), (1, 2)]
+    >>> doubled = jax.tree_util.tree_map(lambda x: 2 * x, adapter)
+    >>> doubled.config is config, float(doubled.weights["dense"]["lora_A"][0, 0])
+    (True, 2.0)
+    >>> adapter.scaling(("dense",)), list(adapter.modules())
+    (2.0, [('dense',)])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from lora_jax.config import LoraConfig
+from lora_jax.lora_tree import ModulePath, lora_modules
+from lora_jax.targets import dotted_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """LoRA weights for one model, with the ``LoraConfig`` they were made with.
+
+    Build one with ``init_lora`` or ``load_adapter``; wrap a tree you already hold with
+    ``Adapter(weights, config)``. A pytree: ``weights`` are its children and ``config`` is
+    static (it must be hashable, which ``LoraConfig`` is).
+
+    Attributes:
+        weights: ``{...module path...: {"lora_A": (in, r), "lora_B": (r, out)}}``.
+        config: The config the weights were made with.
+    """
+
+    weights: Mapping[str, Any]
+    config: LoraConfig
+
+    def modules(self) -> dict[ModulePath, tuple[Any, Any]]:
+        """``{module_path: (A, B)}`` in tree order.
+
+        Raises:
+            ValueError: A module dict does not hold exactly ``lora_A`` and ``lora_B``.
+        """
+        return lora_modules(self.weights)
+
+    def scaling(self, path: ModulePath) -> float:
+        """The factor ``s`` of ``s * (x A) B`` for the module at ``path``."""
+        del path  # one rank and alpha for every module, today
+        return self.config.scaling
+
+    def rank(self, path: ModulePath) -> int:
+        """The rank the config gives the module at ``path``."""
+        del path
+        return self.config.rank
+
+
+jax.tree_util.register_dataclass(Adapter, data_fields=["weights"], meta_fields=["config"])
+
+
+def checked_modules(adapter: Any) -> dict[ModulePath, tuple[Any, Any]]:
+    """The adapter's modules, after checking that it is an ``Adapter`` whose shapes fit its config.
+
+    Reads static shapes only, so it also works on tracers inside ``jit``.
+
+    Raises:
+        TypeError: ``adapter`` is not an ``Adapter`` (a bare LoRA tree, or a config passed in its place).
+        ValueError: A module's ``A``/``B`` shapes disagree with the rank of the config.
+
+    >>> import numpy as np
+    >>> cfg = LoraConfig(rank=2, target_modules=["m"])
+    >>> checked_modules(Adapter({"m": {"lora_A": np.zeros((3, 1)), "lora_B": np.zeros((1, 3))}}, cfg))
+    Traceback (most recent call last):
+    ...
+    ValueError: LoRA module 'm' has A (3, 1) and B (1, 3), but its config says rank 2: the weights and the config do not belong together. Keep the config the weights were made with (init_lora and load_adapter return both in one Adapter).
+    """
+    if not isinstance(adapter, Adapter):
+        raise TypeError(
+            f"expected a lora_jax.Adapter, got {type(adapter).__name__}. A bare LoRA tree carries no config; "
+            "wrap it as lora_jax.Adapter(weights, config) with the config it was made with."
+        )
+    modules = adapter.modules()
+    for path, (a, b) in modules.items():
+        rank = adapter.rank(path)
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[1] != rank or b.shape[0] != rank:
+            raise ValueError(
+                f"LoRA module {dotted_name(path)!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, but its config "
+                f"says rank {rank}: the weights and the config do not belong together. Keep the config the "
+                "weights were made with (init_lora and load_adapter return both in one Adapter)."
+            )
+    return modules
