@@ -1,7 +1,8 @@
 """PEFT's ``adapter_config.json``: build it from an injected model, and read it back strictly.
 
-Reading refuses the PEFT features this package does not implement (DoRA, trained biases,
-per-module rank/alpha patterns, extra saved modules...) instead of silently dropping them.
+Reading applies ``lora_format.peft_fields``, the table lora_jax reads with too: the PEFT features
+this package does not implement (DoRA, trained biases, per-module rank/alpha patterns, extra saved
+modules...) are refused instead of silently dropped, and a missing ``r`` or ``lora_alpha`` is an error.
 """
 
 from __future__ import annotations
@@ -11,21 +12,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lora_format.peft_fields import read_adapter_config
 from lora_torch.inject import lora_wrappers, select_modules
-from lora_torch.layers import Conv1DWithLoRA, LoRAWrapper, check_lora_settings
-from lora_torch.targeting import (
-    TargetModules,
-    check_layers_pattern,
-    check_layers_to_transform,
-    check_target_modules,
-    layer_index,
-)
-
-# Keys whose non-empty value means a feature lora_torch does not have; loading would change the model's
-# behaviour, so it is refused. Falsy values (None, false, {}, []) are what PEFT writes when unused.
-_UNSUPPORTED_IF_SET = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "exclude_modules",
-                       "target_parameters", "lora_bias", "layer_replication", "trainable_token_indices",
-                       "use_qalora", "megatron_config")
+from lora_torch.layers import Conv1DWithLoRA, LoRAWrapper
+from lora_torch.targeting import TargetModules, layer_index
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,11 +98,6 @@ def build_adapter_config(model: nn.Module, base_model_name_or_path: str | None =
     }
 
 
-def _require(condition: bool, message: str, source: str) -> None:
-    if not condition:
-        raise ValueError(f"{source}: {message}")
-
-
 def parse_adapter_config(config: dict, source: str) -> AdapterSpec:
     """Validates a PEFT LoRA config dict and returns its ``AdapterSpec``.
 
@@ -121,37 +106,19 @@ def parse_adapter_config(config: dict, source: str) -> AdapterSpec:
         source: the file it came from, for messages.
 
     Raises:
-        ValueError: not a LoRA config, a missing or invalid field, or a PEFT feature lora_torch lacks.
+        ValueError: not a LoRA config, a missing or invalid field, or a PEFT feature lora_torch lacks
+            (see ``lora_format.peft_fields.FIELDS``).
 
     >>> parse_adapter_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}, "x").rank
     4
     """
-    _require(config.get("peft_type") == "LORA", f"peft_type is {config.get('peft_type')!r}, only 'LORA' is "
-             "supported.", source)
-    unsupported = sorted(key for key in _UNSUPPORTED_IF_SET if config.get(key))
-    _require(not unsupported, f"uses PEFT features lora_torch does not implement: {unsupported}. Load it with "
-             "peft.PeftModel.from_pretrained instead.", source)
-    _require(config.get("bias", "none") == "none", f"bias={config.get('bias')!r}; only 'none' is supported.",
-             source)
-    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)  # PEFT's defaults
-    target_modules = config.get("target_modules")
-    _require(target_modules is not None, "target_modules is missing; lora_torch cannot guess PEFT's per-model "
-             "defaults, so the config must name the modules.", source)
-    dropout = config.get("lora_dropout", 0.0) or 0.0
-    try:
-        check_target_modules(target_modules)
-        check_layers_to_transform(config.get("layers_to_transform"))
-        check_layers_pattern(config.get("layers_pattern"))
-        check_lora_settings(rank, alpha, dropout)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{source}: {err}") from err
+    fields = read_adapter_config(config, source)
     return AdapterSpec(
-        rank=rank,
-        lora_alpha=float(alpha),
-        dropout=float(dropout),
-        use_rslora=bool(config.get("use_rslora", False)),
-        target_modules=target_modules,
-        # PEFT ignores layers_to_transform when target_modules is a regex; so do we.
-        layers_to_transform=None if isinstance(target_modules, str) else config.get("layers_to_transform"),
-        layers_pattern=config.get("layers_pattern"),
+        rank=fields.rank,
+        lora_alpha=fields.alpha,
+        dropout=fields.dropout,
+        use_rslora=fields.use_rslora,
+        target_modules=fields.target_modules,
+        layers_to_transform=fields.layers_to_transform,
+        layers_pattern=fields.layers_pattern,
     )
