@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lora_jax.adapter import Adapter
 from lora_jax.config import LoraConfig
 from lora_jax.forward import lora_apply, lora_branch, lora_interception
 from lora_jax.gpt2.model import GPT2, GPT2Config, init_gpt2_params
@@ -29,18 +30,18 @@ def test_zero_b_is_the_base_model(setup):
     fresh = init_lora(params, CONFIG, jax.random.key(1))
     # Op by op the zero branch is added exactly: bit-identical.
     with jax.disable_jit():
-        eager = lora_apply(model.apply, CONFIG)(params, fresh, ids[:1, :3])
+        eager = lora_apply(model.apply)(params, fresh, ids[:1, :3])
         assert bool(jnp.array_equal(eager, model.apply({"params": params}, ids[:1, :3])))
     # Jitted, the two programs may fuse differently: within a few fp32 ulps of outputs of order 1.
-    adapted = jax.jit(lora_apply(model.apply, CONFIG))(params, fresh, ids)
+    adapted = jax.jit(lora_apply(model.apply))(params, fresh, ids)
     np.testing.assert_allclose(adapted, jax.jit(model.apply)({"params": params}, ids), atol=1e-6, rtol=0)
 
 
 def test_equals_the_merged_model(setup):
     model, params, lora, ids = setup
     with jax.default_matmul_precision("highest"):
-        adapted = jax.jit(lora_apply(model.apply, CONFIG))(params, lora, ids)
-        merged = jax.jit(model.apply)({"params": merge(params, lora, CONFIG)}, ids)
+        adapted = jax.jit(lora_apply(model.apply))(params, lora, ids)
+        merged = jax.jit(model.apply)({"params": merge(params, lora)}, ids)
         base = jax.jit(model.apply)({"params": params}, ids)
     # fp32 through 2 layers with outputs of order 1: reassociating x(W0+sAB) vs xW0 + s(xA)B
     # differs by a few ulps per op, so 1e-5 absolute is ample while the LoRA effect is ~1e-1.
@@ -50,12 +51,12 @@ def test_equals_the_merged_model(setup):
 
 def test_branch_added_only_to_targeted_dense_layers(setup):
     model, params, lora, ids = setup
-    only_head = {"head": lora["head"]}
+    only_head = Adapter({"head": lora.weights["head"]}, CONFIG)
 
     @jax.jit
     def adapted(p, lo, i):
         # The context is entered inside the jitted function, so it is part of the trace.
-        with lora_interception(lo, CONFIG):
+        with lora_interception(lo):
             return model.apply({"params": p}, i)
 
     out = adapted(params, only_head, ids)
@@ -63,7 +64,7 @@ def test_branch_added_only_to_targeted_dense_layers(setup):
     capture = jax.jit(lambda p, i: model.apply({"params": p}, i, capture_intermediates=True, mutable=["intermediates"]))
     base, state = capture(params, ids)
     h = state["intermediates"]["encoder"]["__call__"][0]
-    a, b = only_head["head"]["lora_A"], only_head["head"]["lora_B"]
+    a, b = only_head.weights["head"]["lora_A"], only_head.weights["head"]["lora_B"]
     expected = base + lora_branch(h, a, b, CONFIG.scaling, dtype=jnp.float32)
     np.testing.assert_allclose(out, expected, atol=1e-6, rtol=0)  # fp32, one addition reordered
 
@@ -85,7 +86,7 @@ def dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("remat", [False, True])
 def test_training_graph_never_builds_a_kernel_sized_product(setup, remat):
     _, params, lora, ids = setup
-    forward = lora_apply(Encoder(remat=remat).apply, CONFIG)
+    forward = lora_apply(Encoder(remat=remat).apply)
     loss = lambda lo: jnp.mean(forward(params, lo, ids) ** 2)
     shapes = dot_output_shapes(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr)
     # Kernels are (16,16), (16,32), (32,16), (16,5): no 2-D product of those shapes (W0 + sAB or dW0) exists.
@@ -97,7 +98,8 @@ def test_training_graph_never_builds_a_kernel_sized_product(setup, remat):
 def test_dropout_is_keyed_per_call_and_per_module(setup):
     model, params, lora, ids = setup
     config = LoraConfig(rank=4, alpha=8.0, target_modules=CONFIG.target_modules, dropout=0.5)
-    forward = jax.jit(lora_apply(model.apply, config))
+    forward = jax.jit(lora_apply(model.apply))
+    lora = Adapter(lora.weights, config)
     plain = forward(params, lora, ids)
     first = forward(params, lora, ids, dropout_rng=jax.random.key(3))
     assert bool(jnp.array_equal(first, forward(params, lora, ids, dropout_rng=jax.random.key(3))))
@@ -116,11 +118,11 @@ def test_dropout_scales_kept_inputs():
 
 def test_strict_mode_reports_lora_modules_the_model_never_called(setup):
     model, params, lora, ids = setup
-    stray = {"decoder": lora["head"], **lora}
+    stray = Adapter({"decoder": lora.weights["head"], **lora.weights}, CONFIG)
     # The check runs while tracing, so eval_shape (trace only, no compile) exercises it.
     with pytest.raises(ValueError, match=r"\['decoder'\] were never called"):
-        jax.eval_shape(lora_apply(model.apply, CONFIG), params, stray, ids)
-    out = jax.eval_shape(lora_apply(model.apply, CONFIG, strict=False), params, stray, ids)
+        jax.eval_shape(lora_apply(model.apply), params, stray, ids)
+    out = jax.eval_shape(lora_apply(model.apply, strict=False), params, stray, ids)
     assert out.shape == (2, 6, 5)
 
 
@@ -134,7 +136,7 @@ def gpt2_setup():
 
 
 def gpt2_loss(gpt, config, ids, **model_kwargs):
-    forward = lora_apply(GPT2(gpt, **model_kwargs).apply, config)
+    forward = lora_apply(GPT2(gpt, **model_kwargs).apply)
 
     def loss(lora, params):
         logits = forward(params, lora, ids)
@@ -169,3 +171,31 @@ def test_gpt2_remat_and_bf16(gpt2_setup):
     assert {g.dtype for g in jax.tree_util.tree_leaves(grads_h)} == {jnp.dtype(jnp.float32)}
     assert float(jnp.abs(logits_h - logits).max()) < 5e-2
 
+
+
+def test_adapter_carries_its_scale_and_none_runs_the_base(setup):
+    model, params, lora, ids = setup
+    forward = jax.jit(lora_apply(model.apply))
+    base = jax.jit(model.apply)({"params": params}, ids)
+    # Two jitted programs of the same ops may fuse differently: a few fp32 ulps on outputs of order 1.
+    np.testing.assert_allclose(forward(params, None, ids), base, atol=1e-6, rtol=0)
+    # The same weights under a config with twice the alpha add exactly twice the branch:
+    # the scale comes from the adapter, and no call site can pass another one.
+    doubled = Adapter(lora.weights, LoraConfig(rank=4, alpha=16.0, target_modules=CONFIG.target_modules))
+    with jax.default_matmul_precision("highest"):
+        delta = forward(params, lora, ids) - base
+        delta2 = forward(params, doubled, ids) - base
+    np.testing.assert_allclose(delta2, 2 * delta, atol=1e-5, rtol=0)  # fp32, outputs of order 1
+    assert float(jnp.abs(delta).max()) > 1e-2
+
+
+def test_a_bare_tree_or_a_wrong_rank_is_refused(setup):
+    model, params, lora, ids = setup
+    forward = lora_apply(model.apply)
+    with pytest.raises(TypeError, match=r"lora_jax.Adapter\(weights, config\)"):
+        forward(params, lora.weights, ids)
+    wrong_rank = Adapter(lora.weights, LoraConfig(rank=2, alpha=8.0, target_modules=CONFIG.target_modules))
+    with pytest.raises(ValueError, match="says rank 2"):
+        jax.eval_shape(forward, params, wrong_rank, ids)
+    with pytest.raises(TypeError, match="lora_apply"):
+        lora_apply(CONFIG)

@@ -3,6 +3,7 @@
 import jax
 import pytest
 
+from lora_jax.adapter import Adapter
 from lora_jax.config import LoraConfig
 from lora_jax.initialize import init_lora
 from lora_jax.partition import combine, split, trainable_labels, trainable_mask
@@ -25,9 +26,11 @@ def same_tree(x, y) -> bool:
 
 def test_split_inverts_combine(trees):
     params, lora = trees
-    frozen, lora_again = split(combine(params, lora))
+    frozen, weights = split(combine(params, lora))
     assert same_tree(frozen, params)
-    assert same_tree(lora_again, lora)
+    assert same_tree(weights, lora.weights)
+    # The combined tree holds arrays only; the config rebuilds the adapter exactly.
+    assert same_tree(Adapter(weights, lora.config), lora)
 
 
 def test_combine_inverts_split(trees):
@@ -55,6 +58,6 @@ def test_mask_and_labels(trees):
 def test_combine_rejects_foreign_paths_and_double_combine(trees):
     params, lora = trees
     with pytest.raises(ValueError, match="'decoder' has no matching module"):
-        combine(params, {"decoder": lora["head"]})
+        combine(params, {"decoder": lora.weights["head"]})
     with pytest.raises(ValueError, match="combined twice"):
         combine(combine(params, lora), lora)
