@@ -179,11 +179,14 @@ def test_adapter_carries_its_scale_and_none_runs_the_base(setup):
     base = jax.jit(model.apply)({"params": params}, ids)
     # Two jitted programs of the same ops may fuse differently: a few fp32 ulps on outputs of order 1.
     np.testing.assert_allclose(forward(params, None, ids), base, atol=1e-6, rtol=0)
-    # The same weights under a config with twice the alpha add exactly twice the branch:
-    # the scale comes from the adapter, and no call site can pass another one.
-    doubled = Adapter(lora.weights, LoraConfig(rank=4, alpha=16.0, target_modules=CONFIG.target_modules))
+    # On the output layer alone the branch adds linearly: the same weights under a config with
+    # twice the alpha add exactly twice the change. The scale comes from the adapter; no call
+    # site can pass another one.
+    head = {"head": lora.weights["head"]}
+    single = Adapter(head, CONFIG)
+    doubled = Adapter(head, LoraConfig(rank=4, alpha=16.0, target_modules=CONFIG.target_modules))
     with jax.default_matmul_precision("highest"):
-        delta = forward(params, lora, ids) - base
+        delta = forward(params, single, ids) - base
         delta2 = forward(params, doubled, ids) - base
     np.testing.assert_allclose(delta2, 2 * delta, atol=1e-5, rtol=0)  # fp32, outputs of order 1
     assert float(jnp.abs(delta).max()) > 1e-2
