@@ -6,6 +6,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install --quiet --upgrade pip
+python -m pip install --quiet --upgrade pip "setuptools>=77"
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[dev]"

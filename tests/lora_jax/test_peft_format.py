@@ -40,9 +40,9 @@ def gpt2(tiny_gpt2_dir):
     return GPT2(config), params
 
 
-def jax_logits(model, params, lora, config):
+def jax_logits(model, params, adapter):
     with jax.default_matmul_precision("highest"):
-        return np.asarray(jax.jit(lora_apply(model.apply, config))(params, lora, jnp.asarray(IDS)))
+        return np.asarray(jax.jit(lora_apply(model.apply))(params, adapter, jnp.asarray(IDS)))
 
 
 def torch_logits(model):
@@ -55,17 +55,17 @@ def test_adapter_saved_here_loads_in_peft(gpt2, tiny_gpt2_dir, tmp_path, rank, r
     model, params = gpt2
     config = LoraConfig(rank=rank, alpha=16.0, target_modules=TARGETS, use_rslora=rslora)
     lora = with_random_b(init_lora(params, config, jax.random.key(rank)), scale=0.3)
-    save_adapter(tmp_path, lora, config, base_model_name_or_path=str(tiny_gpt2_dir))
+    save_adapter(tmp_path, lora, base_model_name_or_path=str(tiny_gpt2_dir))
     base = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
     plain = torch_logits(base)
     adapted = peft.PeftModel.from_pretrained(base, tmp_path).eval()
-    ours = jax_logits(model, params, lora, config)
+    ours = jax_logits(model, params, lora)
     np.testing.assert_allclose(torch_logits(adapted), ours, atol=ATOL, rtol=0)
     assert np.abs(ours - plain).max() > 1e-2  # the adapter really changes the logits
     # And our own loader returns the very same numbers.
-    lora_back, config_back = load_adapter(tmp_path, params)
-    assert config_back == config
-    jax.tree_util.tree_map(np.testing.assert_array_equal, lora_back, lora)
+    back = load_adapter(tmp_path, params)
+    assert back.config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, lora)
 
 
 def peft_adapter(directory, base_dir, rank, rslora, **extra):
@@ -87,26 +87,27 @@ def peft_adapter(directory, base_dir, rank, rslora, **extra):
 def test_adapter_made_by_peft_loads_here(gpt2, tiny_gpt2_dir, tmp_path, rank, rslora):
     model, params = gpt2
     peft_model = peft_adapter(tmp_path, tiny_gpt2_dir, rank, rslora)
-    lora, config = load_adapter(tmp_path, params)
+    adapter = load_adapter(tmp_path, params)
+    config = adapter.config
     assert (config.rank, config.alpha, config.use_rslora) == (rank, 12, rslora)
-    np.testing.assert_allclose(jax_logits(model, params, lora, config), torch_logits(peft_model), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(jax_logits(model, params, adapter), torch_logits(peft_model), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("pattern", [{}, {"layers_pattern": "h"}])
 def test_peft_layers_to_transform_selects_the_same_modules(gpt2, tiny_gpt2_dir, tmp_path, pattern):
     _, params = gpt2
     peft_adapter(tmp_path, tiny_gpt2_dir, 2, False, layers_to_transform=[1], **pattern)
-    lora, config = load_adapter(tmp_path, params)
-    assert config.layers_to_transform == (1,)
-    assert list(lora["transformer"]["h"]) == ["1"]
-    assert sorted(lora["transformer"]["h"]["1"]) == ["attn", "mlp"]
+    adapter = load_adapter(tmp_path, params)
+    assert adapter.config.layers_to_transform == (1,)
+    assert list(adapter.weights["transformer"]["h"]) == ["1"]
+    assert sorted(adapter.weights["transformer"]["h"]["1"]) == ["attn", "mlp"]
 
 
 @pytest.fixture()
 def saved(gpt2, tmp_path):
     _, params = gpt2
     config = LoraConfig(rank=2, target_modules=["c_attn"])
-    save_adapter(tmp_path, init_lora(params, config, jax.random.key(0)), config)
+    save_adapter(tmp_path, init_lora(params, config, jax.random.key(0)))
     return tmp_path
 
 

@@ -143,7 +143,7 @@ def test_apply_fn_decodes_through_unmerged_lora_like_the_merged_model(tiny):
     lora = jax.tree_util.tree_map_with_path(
         lambda path, x: jax.random.normal(jax.random.key(7), x.shape) if "lora_B" in str(path[-1]) else x, lora
     )
-    lora_forward = lora_apply(model.apply, config)
+    lora_forward = lora_apply(model.apply)
 
     def apply_fn(both, ids, cache):
         return lora_forward(both[0], both[1], ids, cache=cache)
@@ -151,7 +151,7 @@ def test_apply_fn_decodes_through_unmerged_lora_like_the_merged_model(tiny):
     prompts = _prompts(101)
     with jax.default_matmul_precision("highest"):
         unmerged = generate(model, (params, lora), prompts, max_new_tokens=NEW, apply_fn=apply_fn)
-        merged = generate(model, merge(params, lora, config), prompts, max_new_tokens=NEW)
+        merged = generate(model, merge(params, lora), prompts, max_new_tokens=NEW)
         base = generate(model, params, prompts, max_new_tokens=NEW)
     np.testing.assert_array_equal(unmerged, merged)
     assert (np.asarray(unmerged) != np.asarray(base)).any()
