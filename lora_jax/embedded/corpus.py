@@ -44,7 +44,7 @@ def target_path() -> Path:
             return stdlib / candidate
     raise FileNotFoundError(
         f"None of {', '.join(TARGET_CANDIDATES)} exists under {stdlib}; this Python ships without them. "
-        "Pass your own fine-tuning text instead (e.g. the examples' --data option)."
+        "Fine-tune on your own text instead."
     )
 
 
