@@ -67,16 +67,16 @@ class Implementations:
         load_torch: ``model_dir -> GPT2LMHeadModel`` (eval mode).
         load_jax: ``model_dir -> (GPT2Config, params)``.
         torch_inject: ``(model, LoraConfig) -> model`` with LoRA injected and the base frozen.
-        jax_init_lora: ``(params, LoraConfig, key) -> lora tree``.
-        jax_lora_apply: ``(apply_fn, LoraConfig) -> fn(params, lora, ids)``.
+        jax_init_lora: ``(params, LoraConfig, key) -> lora_jax.Adapter`` (A drawn, B = 0).
+        jax_lora_apply: ``apply_fn -> fn(params, adapter, ids)``; the scale comes from the adapter's config.
         torch_merge: ``model -> model`` with wrappers merged (reversibly).
         torch_unmerge: ``merged model -> model`` with the wrappers back.
-        jax_merge: ``(params, lora, LoraConfig) -> merged params``.
-        jax_unmerge: ``(merged params, lora, LoraConfig) -> params``.
+        jax_merge: ``(params, adapter) -> merged params``.
+        jax_unmerge: ``(merged params, adapter) -> params``.
         torch_optimizer: ``(parameters, TrainSettings) -> torch.optim.Optimizer``.
         jax_optimizer: ``TrainSettings -> optax.GradientTransformation``.
-        jax_save_adapter: ``(out_dir, lora, LoraConfig) -> None`` writing a PEFT directory.
-        jax_load_adapter: ``(adapter_dir, params) -> (lora, LoraConfig)``.
+        jax_save_adapter: ``(out_dir, adapter) -> None`` writing a PEFT directory (config from the adapter).
+        jax_load_adapter: ``(adapter_dir, params) -> lora_jax.Adapter``.
         torch_save_adapter: ``(model, out_dir) -> None`` writing a PEFT directory.
         torch_load_adapter: ``(base model, adapter_dir) -> model`` with the adapter injected.
     """

@@ -94,28 +94,27 @@ class ModelPair:
             logits = model(self.torch_ids(input_ids)).logits
         return logits.float().cpu().numpy()
 
-    def jax_logits(self, input_ids: np.ndarray, params: Any = None, lora: Any = None,
-                   config: Any = None) -> np.ndarray:
-        """Float32 numpy logits (B, T, V) of the Flax GPT-2; with ``lora`` through ``jax_lora_apply``.
+    def jax_logits(self, input_ids: np.ndarray, params: Any = None, adapter: Any = None) -> np.ndarray:
+        """Float32 numpy logits (B, T, V) of the Flax GPT-2; with ``adapter`` through ``jax_lora_apply``.
 
         Args:
             input_ids: (B, T) token ids.
             params: A params tree (default: the base ``jax_params``; pass merged params here).
-            lora: A LoRA tree, or None for no LoRA branch.
-            config: The ``LoraConfig`` of ``lora``.
+            adapter: A ``lora_jax.Adapter`` (its config gives the scale), or None for no LoRA branch.
         """
         import jax
         import jax.numpy as jnp
 
         params = self.jax_params if params is None else params
         ids = jax.device_put(jnp.asarray(input_ids, dtype=jnp.int32), self.placement.jax_device)
-        if lora is None:
+        if adapter is None:
             key = ("logits", self.dtype)
             forward = self.compiled(key, lambda: jax.jit(lambda p, _, x: self.jax_module().apply({"params": p}, x)))
         else:
-            key = ("lora_logits", self.dtype, self.impl.jax_lora_apply, config)
-            forward = self.compiled(key, lambda: jax.jit(self.impl.jax_lora_apply(self.jax_module().apply, config)))
-        return np.asarray(jax.device_get(forward(params, lora, ids)), dtype=np.float32)
+            # The adapter's config is static pytree data: jit traces once per config by itself.
+            key = ("lora_logits", self.dtype, self.impl.jax_lora_apply)
+            forward = self.compiled(key, lambda: jax.jit(self.impl.jax_lora_apply(self.jax_module().apply)))
+        return np.asarray(jax.device_get(forward(params, adapter, ids)), dtype=np.float32)
 
 
 def load_pair(model: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "fp32",

@@ -117,27 +117,33 @@ class _Stages:
     def adapted(self, use_rslora: bool | None = None) -> AdaptedPair:
         """The pair adapted with the suite's config; ``use_rslora`` flips only the scaling, same A and B."""
         if None not in self._adapted:
-            config, lora = self.config_and_lora
-            self._adapted[None] = adapt(self.pair, config, seed=self.settings.seed, lora=lora)
+            source = self.config if self.given_adapter is None else self.given_adapter
+            self._adapted[None] = adapt(self.pair, source, seed=self.settings.seed)
         main = self._adapted[None]
         if use_rslora is None or use_rslora == main.config.use_rslora:
             return main
         if use_rslora not in self._adapted:
-            config = dataclasses.replace(main.config, use_rslora=use_rslora)
-            self._adapted[use_rslora] = adapt(self.pair, config, lora=main.lora)
+            # The same arrays in a new Adapter whose config says rsLoRA: the scale changes openly, with the config.
+            flipped = dataclasses.replace(main.config, use_rslora=use_rslora)
+            self._adapted[use_rslora] = adapt(self.pair, dataclasses.replace(main.adapter, config=flipped))
         return self._adapted[use_rslora]
 
+    @property
+    def config(self) -> Any:
+        """The effective ``LoraConfig`` of stages 3-7: the ``--adapter``'s own, else the settings'."""
+        return self.settings.lora_config() if self.given_adapter is None else self.given_adapter.config
+
     @functools.cached_property
-    def config_and_lora(self) -> tuple[Any, Any]:
-        """The effective LoRA config of stages 3-7, and the ``--adapter``'s LoRA tree (None without one).
+    def given_adapter(self) -> Any:
+        """The ``--adapter`` as a ``lora_jax.Adapter`` (None without one), with dropout 0.
 
         Cached: the adapter is read from disk once per run, not once per stage.
         """
         if self.settings.adapter is None:
-            return self.settings.lora_config(), None
-        lora, config = self.pair.impl.jax_load_adapter(Path(self.settings.adapter), self.pair.jax_params)
+            return None
+        adapter = self.pair.impl.jax_load_adapter(Path(self.settings.adapter), self.pair.jax_params)
         # Dropout masks cannot match across frameworks; parity compares the deterministic function.
-        return dataclasses.replace(config, dropout=0.0), lora
+        return dataclasses.replace(adapter, config=dataclasses.replace(adapter.config, dropout=0.0))
 
     def run(self, name: str) -> StageResult:
         return getattr(self, f"_{name}")()
@@ -148,7 +154,7 @@ class _Stages:
     def _injection(self) -> StageResult:
         s = self.settings
         specs = injection_specs(self.pair.hf_config["n_layer"], rank=s.rank, alpha=s.alpha, use_rslora=s.use_rslora)
-        main = self.config_and_lora[0]
+        main = self.config
         if main not in specs:  # --targets/--adapter settings beyond the five standard specs
             specs.append(main)
         rows = []
@@ -210,7 +216,7 @@ def run_suite(pair: ModelPair, settings: SuiteSettings | None = None, *, command
                 arrays.update(result.arrays)
     environment = describe_environment(pair.placement.name, pair.placement.description, pair.dtype)
     try:
-        lora_settings = describe_lora(stages.config_and_lora[0])
+        lora_settings = describe_lora(stages.config)
     except Exception as error:  # the stages already reported it as failed rows
         lora_settings = {"lora": f"unavailable ({type(error).__name__})"}
     described = {"model": str(pair.model_dir), **lora_settings, **settings.describe()}

@@ -4,7 +4,8 @@ Both halves name an adapted module by the same dotted string (docs/architecture.
 the Flax path ``("transformer", "h", "0", "attn", "c_attn")`` joined by dots is the torch
 module name ``transformer.h.0.attn.c_attn``. Both store ``A`` as (in, r) and ``B`` as
 (r, out), so tensors cross without a transpose. The neutral form in between is
-``{dotted name: (A, B)}`` of float32 numpy arrays.
+``{dotted name: (A, B)}`` of float32 numpy arrays; on the JAX side the arrays travel with their
+``LoraConfig`` as one ``lora_jax.Adapter``.
 """
 
 from __future__ import annotations
@@ -17,23 +18,35 @@ import numpy as np
 NamedLora = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def jax_lora_to_named(lora: Mapping[str, Any]) -> NamedLora:
-    """A ``lora_jax`` LoRA tree as ``{dotted name: (A, B)}`` (float32 numpy)."""
-    from lora_jax.lora_tree import lora_modules
+def adapter_to_named(adapter: Any) -> NamedLora:
+    """A ``lora_jax.Adapter`` (or its gradients, also an ``Adapter``) as ``{dotted name: (A, B)}`` (float32 numpy).
+
+    Raises:
+        TypeError: ``adapter`` is not an ``Adapter`` (a bare LoRA tree carries no config).
+    """
+    from lora_jax.adapter import checked_modules
 
     return {".".join(path): (np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32))
-            for path, (a, b) in lora_modules(lora).items()}
+            for path, (a, b) in checked_modules(adapter).items()}
 
 
-def named_to_jax_lora(named: Mapping[str, tuple[Any, Any]], device: Any = None) -> dict[str, Any]:
-    """``{dotted name: (A, B)}`` as a ``lora_jax`` LoRA tree on ``device``."""
+def named_to_adapter(named: Mapping[str, tuple[Any, Any]], config: Any, device: Any = None) -> Any:
+    """``{dotted name: (A, B)}`` as a ``lora_jax.Adapter`` carrying ``config``, on ``device``.
+
+    Raises:
+        ValueError: A module's shapes disagree with ``config.rank``.
+    """
     import jax
     import jax.numpy as jnp
+    from lora_jax import Adapter
+    from lora_jax.adapter import checked_modules
     from lora_jax.lora_tree import nest
 
     tree = nest({tuple(name.split(".")): {"lora_A": jnp.asarray(a, jnp.float32), "lora_B": jnp.asarray(b, jnp.float32)}
                  for name, (a, b) in named.items()})
-    return tree if device is None else jax.device_put(tree, device)
+    adapter = Adapter(tree, config)
+    checked_modules(adapter)  # the weights and the config must belong together
+    return adapter if device is None else jax.device_put(adapter, device)
 
 
 def jax_kernel(params: Mapping[str, Any], name: str) -> Any:

@@ -19,9 +19,9 @@ def check_forward_delta(adapted: AdaptedPair, input_ids: np.ndarray, label: str 
     torch_base = pair.torch_logits(pair.torch_model, input_ids)
     jax_base = pair.jax_logits(input_ids)
     torch_lora = pair.torch_logits(adapted.torch_model, input_ids)
-    jax_lora = pair.jax_logits(input_ids, lora=adapted.lora, config=adapted.config)
+    jax_lora = pair.jax_logits(input_ids, adapter=adapted.adapter)
     rows = [
-        nonzero_b_row("forward_delta", adapted.lora),
+        nonzero_b_row("forward_delta", adapted.adapter),
         compare_arrays("forward_delta", f"LoRA logits torch vs JAX{suffix}", torch_lora, jax_lora,
                        tolerance_for("logits", pair.dtype)),
         compare_arrays("forward_delta", f"delta (lora - base) torch vs JAX{suffix}", torch_lora - torch_base,

@@ -7,7 +7,7 @@ from typing import Any
 
 from parity.pair import ModelPair
 from parity.results import StageResult, compare_exact
-from parity.transfer import jax_kernel, jax_lora_to_named
+from parity.transfer import adapter_to_named, jax_kernel
 
 # Why shapes agree without transposes (printed in the shape row): A (in, r) and B (r, out) in both
 # halves; GPT-2's Conv1D weight and the Flax Dense kernel are both (in, out); only nn.Linear is (out, in).
@@ -62,10 +62,10 @@ def _kernel_shape(module: Any) -> tuple[int, ...]:
 
 
 def check_injection(pair: ModelPair, config: Any, *, seed: int = 0) -> StageResult:
-    """Injects ``config`` into a torch copy and builds the JAX LoRA tree; compares the two.
+    """Injects ``config`` into a torch copy and builds the JAX adapter; compares the two.
 
     Rows: the set of adapted module names, the trainable parameter count (torch: every
-    parameter with ``requires_grad`` after freezing; JAX: the LoRA tree), and the number of
+    parameter with ``requires_grad`` after freezing; JAX: the adapter's arrays), and the number of
     modules whose (A, B, base kernel) shapes disagree.
     """
     import jax
@@ -74,11 +74,11 @@ def check_injection(pair: ModelPair, config: Any, *, seed: int = 0) -> StageResu
 
     label = spec_label(config)
     torch_model = pair.impl.torch_inject(pair.torch_copy(), config)
-    lora = pair.impl.jax_init_lora(pair.jax_params, config, jax.random.key(seed))
-    wrappers, named = lora_wrappers(torch_model), jax_lora_to_named(lora)
+    adapter = pair.impl.jax_init_lora(pair.jax_params, config, jax.random.key(seed))
+    wrappers, named = lora_wrappers(torch_model), adapter_to_named(adapter)
     rows = [compare_exact("injection", f"module names [{label}]", set(wrappers), set(named))]
     trainable = sum(p.numel() for p in torch_model.parameters() if p.requires_grad)
-    rows.append(compare_exact("injection", f"trainable params [{label}]", trainable, count_params(lora)))
+    rows.append(compare_exact("injection", f"trainable params [{label}]", trainable, count_params(adapter)))
     mismatched = []
     for name in sorted(set(wrappers) & set(named)):
         lora_layer = wrappers[name].lora

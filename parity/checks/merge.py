@@ -11,7 +11,7 @@ from parity.adapted import AdaptedPair, nonzero_b_row
 from parity.linear_layout import conv1d_to_linear
 from parity.results import StageResult, compare_arrays, compare_named_arrays
 from parity.tolerances import tolerance_for
-from parity.transfer import copy_into_torch, jax_kernel, jax_lora_to_named
+from parity.transfer import adapter_to_named, copy_into_torch, jax_kernel
 
 
 def _jax_kernels(params: Any, names: list[str]) -> dict[str, np.ndarray]:
@@ -35,7 +35,7 @@ def _merged_pair_rows(adapted: AdaptedPair, torch_model: Any, layout: str, input
                       merged_params: Any, jax_merged_logits: np.ndarray) -> tuple[list, Any, np.ndarray]:
     """Merges a torch model of one layout; compares weights and logits with the JAX merge."""
     pair, dtype = adapted.pair, adapted.pair.dtype
-    names = sorted(jax_lora_to_named(adapted.lora))
+    names = sorted(adapter_to_named(adapted.adapter))
     lora_logits = pair.torch_logits(torch_model, input_ids)
     merged_model = pair.impl.torch_merge(copy.deepcopy(torch_model))
     merged_logits = pair.torch_logits(merged_model, input_ids)
@@ -58,24 +58,24 @@ def check_merge(adapted: AdaptedPair, input_ids: np.ndarray) -> StageResult:
     unmerged LoRA logits; merged torch vs merged JAX logits; the same three for the
     Linear layout; unmerge restoring the base weights in each half.
     """
-    pair, config, lora, dtype = adapted.pair, adapted.config, adapted.lora, adapted.pair.dtype
-    names = sorted(jax_lora_to_named(lora))
-    merged_params = pair.impl.jax_merge(pair.jax_params, lora, config)
+    pair, adapter, dtype = adapted.pair, adapted.adapter, adapted.pair.dtype
+    names = sorted(adapter_to_named(adapter))
+    merged_params = pair.impl.jax_merge(pair.jax_params, adapter)
     jax_merged = pair.jax_logits(input_ids, params=merged_params)
-    jax_lora = pair.jax_logits(input_ids, lora=lora, config=config)
-    rows = [nonzero_b_row("merge", lora),
+    jax_lora = pair.jax_logits(input_ids, adapter=adapter)
+    rows = [nonzero_b_row("merge", adapter),
             compare_arrays("merge", "JAX merged vs unmerged logits", jax_merged, jax_lora,
                            tolerance_for("merge_logits", dtype))]
     conv_rows, merged_model, torch_merged = _merged_pair_rows(adapted, adapted.torch_model, "Conv1D", input_ids,
                                                               merged_params, jax_merged)
     rows += conv_rows
-    linear_model = pair.impl.torch_inject(conv1d_to_linear(pair.torch_copy()), config)
-    copy_into_torch(linear_model, jax_lora_to_named(lora))
+    linear_model = pair.impl.torch_inject(conv1d_to_linear(pair.torch_copy()), adapter.config)
+    copy_into_torch(linear_model, adapter_to_named(adapter))
     rows += _merged_pair_rows(adapted, linear_model, "Linear", input_ids, merged_params, jax_merged)[0]
     restored = pair.impl.torch_unmerge(merged_model)  # in place: merged_model is unmerged too
     base_kernels = _torch_kernels(pair.torch_model, names)
     restored_kernels = {n: restored.get_submodule(n).base_layer.weight.detach().float().cpu().numpy() for n in names}
-    unmerged_params = pair.impl.jax_unmerge(merged_params, lora, config)
+    unmerged_params = pair.impl.jax_unmerge(merged_params, adapter)
     rows += [
         compare_named_arrays("merge", "torch unmerge restores base weights", restored_kernels, base_kernels,
                              tolerance_for("unmerge", dtype)),

@@ -7,11 +7,11 @@ import copy
 import numpy as np
 
 from parity.adapted import AdaptedPair
-from parity.checks.gradients import jax_loss_fn, torch_loss
+from parity.checks.gradients import jax_batch, jax_loss_fn, torch_loss
 from parity.optimizers import TrainSettings, lr_schedule
 from parity.results import StageResult, compare_arrays, compare_named_arrays
 from parity.tolerances import tolerance_for
-from parity.transfer import flat_leaves, jax_lora_to_named, torch_lora_to_named
+from parity.transfer import adapter_to_named, flat_leaves, torch_lora_to_named
 
 
 def train_torch(adapted: AdaptedPair, batches: list[np.ndarray], settings: TrainSettings) -> tuple[list, dict]:
@@ -40,22 +40,21 @@ def train_torch(adapted: AdaptedPair, batches: list[np.ndarray], settings: Train
 
 
 def train_jax(adapted: AdaptedPair, batches: list[np.ndarray], settings: TrainSettings) -> tuple[list, dict]:
-    """``lora_jax.make_train_step`` (gradients of the LoRA tree only) with the optax recipe."""
+    """``lora_jax.make_train_step`` (gradients of the adapter only) with the optax recipe."""
     import jax
-    import jax.numpy as jnp
     from lora_jax import make_train_step
 
     pair = adapted.pair
     tx = pair.impl.jax_optimizer(settings)
-    key = ("train_step", pair.impl.jax_lora_apply, pair.impl.jax_optimizer, adapted.config, settings)
-    step_fn = pair.compiled(key, lambda: make_train_step(jax_loss_fn(adapted), tx, donate=False))
-    lora, losses = adapted.lora, []
-    opt_state = tx.init(lora)
+    key = ("train_step", pair.dtype, pair.impl.jax_lora_apply, pair.impl.jax_optimizer, settings)
+    step_fn = pair.compiled(key, lambda: make_train_step(jax_loss_fn(pair), tx, donate=False))
+    adapter, losses = adapted.adapter, []
+    opt_state = tx.init(adapter)
     for ids in batches:
-        batch = {"input_ids": jax.device_put(jnp.asarray(ids, jnp.int32), pair.placement.jax_device)}
-        lora, opt_state, metrics = step_fn(lora, opt_state, pair.jax_params, batch, jax.random.key(0))
+        adapter, opt_state, metrics = step_fn(adapter, opt_state, pair.jax_params, jax_batch(pair, ids),
+                                              jax.random.key(0))
         losses.append(float(metrics["loss"]))
-    return losses, jax_lora_to_named(lora)
+    return losses, adapter_to_named(adapter)
 
 
 def _updates(final: dict, start: dict) -> dict[str, np.ndarray]:
@@ -70,7 +69,7 @@ def check_training(adapted: AdaptedPair, batches: list[np.ndarray], settings: Tr
     start is identical by construction, and comparing the totals would hide update errors
     behind the size of A.
     """
-    start = jax_lora_to_named(adapted.lora)
+    start = adapter_to_named(adapted.adapter)
     torch_losses, torch_final = train_torch(adapted, batches, settings)
     jax_losses, jax_final = train_jax(adapted, batches, settings)
     dtype = adapted.pair.dtype

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import optax
+from lora_jax import lora_apply
 from transformers import GPT2LMHeadModel
 
 import parity.adapted
@@ -73,6 +74,20 @@ def _inject_scaling_by_alpha(model, config):
     return model
 
 
+def _jax_lora_apply_scaling_by_alpha(apply_fn):
+    # The same bug in the JAX half. The real lora_apply runs, but is handed an Adapter whose config
+    # says alpha * (alpha / s): its scaling is then alpha (r = 4 here, so 4x the true alpha / r).
+    # This is how such a bug looks with Adapter values: the wrong scale travels with a config.
+    forward = lora_apply(apply_fn)
+
+    def broken(params, adapter, *args, **kwargs):
+        config = adapter.config
+        wrong = dataclasses.replace(config, alpha=config.alpha * config.alpha / config.scaling)
+        return forward(params, dataclasses.replace(adapter, config=wrong), *args, **kwargs)
+
+    return broken
+
+
 def test_forward_delta_catches_alpha_instead_of_alpha_over_r(tiny_pair):
     result = run_check(tiny_pair.with_impl(torch_inject=_inject_scaling_by_alpha), "forward_delta")
     delta = _row(result, "delta (lora - base) torch vs JAX [rsLoRA off")
@@ -81,15 +96,29 @@ def test_forward_delta_catches_alpha_instead_of_alpha_over_r(tiny_pair):
     assert not delta.passed and delta.max_rel > 2.0
 
 
+def test_forward_delta_catches_alpha_instead_of_alpha_over_r_in_jax(tiny_pair):
+    result = run_check(tiny_pair.with_impl(jax_lora_apply=_jax_lora_apply_scaling_by_alpha), "forward_delta")
+    delta = _row(result, "delta (lora - base) torch vs JAX [rsLoRA off")
+    # Now JAX's branch is the 4x one and the error is measured against JAX's (larger) delta: 3/4 if linear,
+    # 0.93 measured (the later layers amplify the larger perturbation, as above).
+    assert not delta.passed and delta.max_rel > 0.5
+
+
 def test_gradients_catch_alpha_instead_of_alpha_over_r(tiny_pair):
     result = run_check(tiny_pair.with_impl(torch_inject=_inject_scaling_by_alpha), "gradients")
     assert not _row(result, "dL/dA").passed
     assert not _row(result, "loss").passed
 
 
+def test_gradients_catch_alpha_instead_of_alpha_over_r_in_jax(tiny_pair):
+    result = run_check(tiny_pair.with_impl(jax_lora_apply=_jax_lora_apply_scaling_by_alpha), "gradients")
+    assert not _row(result, "dL/dA").passed
+    assert not _row(result, "loss").passed
+
+
 def test_zero_b_is_caught_where_the_comparison_itself_would_pass(tiny_pair, monkeypatch):
     # The bug: the harness forgets to draw B, so both halves carry B = 0 (a fresh adapter).
-    monkeypatch.setattr(parity.adapted, "random_nonzero_b", lambda lora, config, seed: lora)
+    monkeypatch.setattr(parity.adapted, "random_nonzero_b", lambda adapter, seed: adapter)
     for stage in ("forward_delta", "gradients", "merge"):
         result = run_check(tiny_pair, stage)
         guard = _row(result, "LoRA B non-zero")
@@ -141,15 +170,14 @@ def test_merge_catches_missing_transpose_on_non_square_modules(tiny_pair, monkey
     assert not report.passed and report.rows[0].detail.startswith("RuntimeError")
 
 
-def _jax_save_writing_scaling_as_alpha(out_dir, lora, config):
-    # The bug: the adapter config records the scaling s = alpha / r where PEFT expects alpha.
+def _jax_save_writing_scaling_as_alpha(out_dir, adapter):
+    # The bug: the adapter config records the scaling s = alpha / r where PEFT expects alpha. Planted
+    # through the real save_adapter, as an Adapter whose config carries alpha = s (same arrays).
     from lora_jax import save_adapter
 
-    save_adapter(out_dir, lora, config)
-    config_file = Path(out_dir) / "adapter_config.json"
-    data = json.loads(config_file.read_text())
-    data["lora_alpha"] = config.scaling
-    config_file.write_text(json.dumps(data))
+    config = adapter.config
+    save_adapter(out_dir, dataclasses.replace(adapter, config=dataclasses.replace(config, alpha=config.scaling)))
+    assert json.loads((Path(out_dir) / "adapter_config.json").read_text())["lora_alpha"] == config.scaling
 
 
 def test_interchange_catches_wrong_alpha_in_saved_adapter(tiny_pair):
