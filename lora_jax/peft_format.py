@@ -182,15 +182,49 @@ def _read_config(directory: Path) -> LoraConfig:
     return config_from_adapter_dict(meta, str(file))
 
 
+# safetensors dtype codes of the float types an adapter may hold; an integer or bool tensor is not
+# a LoRA weight (casting int32 ids to float would give values like 1e9).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
 def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes, read from the safetensors header only."""
+    """Tensor names and shapes, read from the safetensors header only; non-float tensors are refused."""
     if not file.is_file():
         raise FileNotFoundError(f"No {WEIGHTS_FILE} at {file}; is this a PEFT adapter directory?")
     try:
         with safetensors.safe_open(str(file), framework="numpy") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            shapes = {key: tuple(piece.get_shape()) for key, piece in slices.items()}
+            dtypes = {key: piece.get_dtype() for key, piece in slices.items()}
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated.") from None
+    not_float = sorted(f"{key} ({dtype})" for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
+    if not_float:
+        raise ValueError(
+            f"{file} holds non-float tensors: {not_float[:4]}. LoRA weights are floating point "
+            f"({', '.join(FLOAT_DTYPES)}); the file is not a LoRA adapter or was written wrongly."
+        )
+    return shapes
+
+
+def check_finite(tensors: Mapping[str, Any], source: str) -> None:
+    """Raises when a tensor holds NaN or infinity, naming each such tensor and how many values.
+
+    >>> check_finite({"a": np.array([1.0, np.nan, np.inf])}, "adapter")
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter holds non-finite values: a (2 of 3). A diverged training run saves such weights; retrain or load an earlier adapter (allow_nonfinite=True loads it anyway).
+    """
+    bad = []
+    for key, tensor in tensors.items():
+        count = int(np.size(tensor) - np.count_nonzero(np.isfinite(np.asarray(tensor, np.float32))))
+        if count:
+            bad.append(f"{key} ({count} of {np.size(tensor)})")
+    if bad:
+        raise ValueError(
+            f"{source} holds non-finite values: {', '.join(bad[:4])}. A diverged training run saves such "
+            "weights; retrain or load an earlier adapter (allow_nonfinite=True loads it anyway)."
+        )
 
 
 def _module_of(key: str) -> tuple[ModulePath, str] | None:
@@ -217,21 +251,22 @@ def _check_keys_and_shapes(shapes: Mapping[str, tuple[int, ...]], params: Mappin
         raise ValueError(f"adapter tensor shapes do not fit these params: {wrong[:6]}. Wrong base model?")
 
 
-def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any]) -> Adapter:
+def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any], *, allow_nonfinite: bool = False) -> Adapter:
     """Reads a PEFT adapter directory into an ``Adapter`` for ``params``.
 
     Args:
         adapter_dir: A directory written by ``save_adapter``, ``lora_torch`` or PEFT's ``save_pretrained``.
         params: The base params it adapts (only kernel shapes are read).
+        allow_nonfinite: Load tensors holding NaN or infinity instead of refusing them.
 
     Returns:
         An ``Adapter`` with float32 ``lora_A`` (in, r) and ``lora_B`` (r, out) arrays and the config read from the file.
 
     Raises:
         FileNotFoundError: A file is missing.
-        ValueError: A file is damaged, a tensor is missing or extra, a shape does not fit
-            ``params``, or the config uses an unsupported PEFT feature. Checked before any
-            tensor is read.
+        ValueError: A file is damaged, a tensor is missing or extra, not floating point, holds
+            NaN or infinity, a shape does not fit ``params``, or the config uses an unsupported
+            PEFT feature. Names, shapes, dtypes and the config are checked before any tensor is read.
     """
     directory = Path(adapter_dir)
     config = _read_config(directory)
@@ -243,6 +278,8 @@ def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any]) -> A
             tensors = {key: handle.get_tensor(key) for key in shapes}
     except Exception as err:
         raise ValueError(f"{directory / WEIGHTS_FILE} could not be read ({err}); it may be truncated.") from None
+    if not allow_nonfinite:
+        check_finite(tensors, str(directory / WEIGHTS_FILE))
     entries: dict[ModulePath, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         path, which = _module_of(key)

@@ -169,3 +169,24 @@ def test_full_names_escape_layers_to_transform_as_in_peft(gpt2, tiny_gpt2_dir):
     jax_names = sorted(dotted_name(p) for p in resolve_targets(
         params, LoraConfig(rank=2, target_modules=targets, layers_to_transform=layers)))
     assert jax_names == peft_names == ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+
+
+def test_integer_tensors_are_refused_not_cast(gpt2, saved):
+    # Before, an int32 tensor was cast to float: ids of 1e9 became LoRA weights of 1e9.
+    tensors = safetensors.numpy.load_file(saved / WEIGHTS_FILE)
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    tensors[key] = np.full(tensors[key].shape, 10**9, np.int32)
+    safetensors.numpy.save_file(tensors, saved / WEIGHTS_FILE)
+    with pytest.raises(ValueError, match=r"non-float tensors: \['base_model.model.transformer.h.0.attn.c_attn.lora_A.weight \(I32\)'\]"):
+        load_adapter(saved, gpt2[1])
+
+
+def test_nonfinite_values_are_refused_unless_allowed(gpt2, saved):
+    tensors = safetensors.numpy.load_file(saved / WEIGHTS_FILE)
+    key = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
+    tensors[key][:3, 0] = [np.nan, np.inf, -np.inf]  # B.T is (out, r) = (96, 2)
+    safetensors.numpy.save_file(tensors, saved / WEIGHTS_FILE)
+    with pytest.raises(ValueError, match=r"non-finite values: base_model.model.transformer.h.1.attn.c_attn.lora_B.weight \(3 of 192\)"):
+        load_adapter(saved, gpt2[1])
+    loaded = load_adapter(saved, gpt2[1], allow_nonfinite=True)
+    assert int(np.isnan(np.asarray(loaded.weights["transformer"]["h"]["1"]["attn"]["c_attn"]["lora_B"])).sum()) == 1
