@@ -13,8 +13,6 @@ would have seen, and a batch of ``B * G`` rows equals ``G`` consecutive
 micro-batches of ``B`` rows (what gradient accumulation relies on).
 
 >>> import numpy as np
-
-from lora_jax.training.losses import Batch
 >>> sampler = WindowSampler(np.arange(9), seq_len=3, seed=0)
 >>> sampler.num_windows
 4
