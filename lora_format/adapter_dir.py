@@ -1,0 +1,530 @@
+"""PEFT adapter directories that a crash or a second writer cannot tear, and reads pinned to one save.
+
+An adapter is two files that only make sense together: ``adapter_config.json`` (rank, alpha,
+targets) and ``adapter_model.safetensors`` (the tensors). Replacing them one file at a time leaves
+a window, and a crash in it, where new weights sit beside the old config, which loads silently with
+the wrong scaling. So a save here replaces the whole directory in one step:
+
+1. the new adapter is written completely into a temporary sibling ``.<name>.tmp-<pid>-<hex>``,
+   its files get the usual modes (``0o666`` less the umask, not mkstemp's ``0o600``), and every
+   file and the directory are fsynced;
+2. on Linux, ``renameat2(RENAME_EXCHANGE)`` swaps that directory and the target atomically (a plain
+   rename cannot replace a non-empty directory); when the target does not exist yet, a plain rename;
+3. the temporary name, which now holds the previous adapter, is removed, and so are temporaries
+   left by writers that died (their pid is gone) or that are older than ``STALE_AFTER_S``.
+
+Because the whole directory is replaced, a save refuses (before writing anything) a target that
+holds files other than an adapter's; PEFT's ``README.md`` is the one such file it carries over.
+
+A reader opens the directory once and opens its files relative to that handle
+(``open_adapter_dir``), then checks that the path still names the directory it opened, so it never
+mixes files of two saves even when a save swaps in mid-read. The weights also carry the sha256 of the
+exact config bytes in their safetensors metadata (``CONFIG_DIGEST_KEY``), so a config and weights
+from different saves are refused whatever put them together. PEFT writes no such key; its adapters
+load as before, and ``peft`` ignores the key in ours.
+
+Where ``RENAME_EXCHANGE`` is missing (not Linux, or a filesystem that answers EINVAL), a save falls
+back to three renames: old aside, new in, old removed. A reader may then find no directory for a
+moment; it retries briefly and never mixes two saves. A crash between the first two renames leaves
+the previous adapter under a ``.<name>.tmp-*`` name (until the next save), which the reader's
+``FileNotFoundError`` names. Two saves racing there may fail with a clear ``OSError``.
+
+Nothing here imports torch or JAX: ``lora_torch`` and ``lora_jax`` save and read through it.
+
+Example:
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "adapter"
+    >>> config = encode_config({"peft_type": "LORA", "r": 2})
+    >>> def write(directory):
+    ...     (directory / CONFIG_NAME).write_bytes(config)
+    ...     (directory / WEIGHTS_NAME).write_bytes(b"weights")  # a real writer saves safetensors here
+    >>> save_adapter_dir(target, write) == target
+    True
+    >>> with open_adapter_dir(target) as pinned:
+    ...     pinned.names, pinned.read_bytes(CONFIG_NAME) == config
+    (('adapter_config.json', 'adapter_model.safetensors'), True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "CONFIG_DIGEST_KEY", "CONFIG_NAME", "PICKLED_WEIGHTS_NAME", "WEIGHTS_NAME", "AdapterFiles", "PinnedAdapterDir",
+    "check_config_digest", "config_digest", "encode_config", "open_adapter_dir", "read_adapter_files",
+    "current_umask", "remove_stale_temps", "safetensors_metadata", "save_adapter_dir", "set_usual_modes",
+    "temp_sibling", "usual_mode", "weights_metadata",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT; readers must use torch.load(weights_only=True)
+# The adapter's own files: a save replaces them all. README.md (PEFT's model card) is carried over.
+ADAPTER_NAMES = (CONFIG_NAME, WEIGHTS_NAME, PICKLED_WEIGHTS_NAME)
+CARRIED_NAMES = ("README.md",)
+CONFIG_DIGEST_KEY = "lora_parity.config_sha256"
+# A temporary whose writer is still alive is kept this long (pids are reused, and other hosts' pids mean nothing).
+STALE_AFTER_S = 3600.0
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+_PIN_ATTEMPTS = 50  # a reader retries while saves swap directories under it
+
+
+def encode_config(config: dict) -> bytes:
+    """Returns the bytes of ``adapter_config.json``: indented, sorted keys, strict JSON (no NaN/Infinity).
+
+    >>> encode_config({"r": 8, "lora_alpha": 16.0})
+    b'{\\n  "lora_alpha": 16.0,\\n  "r": 8\\n}\\n'
+    >>> encode_config({"lora_alpha": float("inf")})
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter config values must be finite numbers (JSON has no NaN or Infinity): Out of range float values are not JSON compliant: inf
+    """
+    try:
+        return (json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    except ValueError as err:
+        raise ValueError(f"adapter config values must be finite numbers (JSON has no NaN or Infinity): {err}") from None
+
+
+def config_digest(config_bytes: bytes) -> str:
+    """Returns the sha256 hex digest of the exact ``adapter_config.json`` bytes.
+
+    >>> config_digest(b"{}\\n")[:16]
+    'ca3d163bab055381'
+    """
+    return hashlib.sha256(config_bytes).hexdigest()
+
+
+def weights_metadata(config_bytes: bytes) -> dict[str, str]:
+    """Returns the safetensors metadata for weights saved with this config: PEFT's format tag plus the digest.
+
+    >>> sorted(weights_metadata(b"{}\\n"))
+    ['format', 'lora_parity.config_sha256']
+    """
+    return {"format": "pt", CONFIG_DIGEST_KEY: config_digest(config_bytes)}
+
+
+def safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
+    """Returns the ``__metadata__`` of a safetensors file's bytes (``{}`` when it has none).
+
+    Raises:
+        ValueError: the header is truncated or is not a safetensors header.
+
+    >>> header = b'{"__metadata__": {"format": "pt"}}'
+    >>> safetensors_metadata(struct.pack("<Q", len(header)) + header, "w.safetensors")
+    {'format': 'pt'}
+    >>> safetensors_metadata(b"\\x00" * 4, "w.safetensors")
+    Traceback (most recent call last):
+    ...
+    ValueError: w.safetensors is not a readable safetensors file (4 bytes, shorter than its 8-byte header length); it is truncated or corrupt, save it again.
+    """
+    def corrupt(why: str) -> ValueError:
+        return ValueError(f"{source} is not a readable safetensors file ({why}); it is truncated or corrupt, "
+                          "save it again.")
+
+    if len(data) < 8:
+        raise corrupt(f"{len(data)} bytes, shorter than its 8-byte header length")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise corrupt(f"header of {size} bytes in a file of {len(data)}")
+    try:
+        header = json.loads(data[8:8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise corrupt(f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("__metadata__ is not a str -> str mapping")
+    return metadata
+
+
+def check_config_digest(config_bytes: bytes, metadata: dict[str, str], source: str) -> None:
+    """Raises unless the weights' recorded config digest (if any) is the digest of ``config_bytes``.
+
+    >>> check_config_digest(b"{}\\n", weights_metadata(b"{}\\n"), "adapter")
+    >>> check_config_digest(b"{}\\n", {"format": "pt"}, "adapter")  # saved by PEFT: nothing to compare
+    """
+    recorded = metadata.get(CONFIG_DIGEST_KEY)
+    if recorded is not None and recorded != config_digest(config_bytes):
+        raise ValueError(
+            f"{source}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves (the weights were saved "
+            f"with config sha256 {recorded[:12]}..., the config on disk has {config_digest(config_bytes)[:12]}...). "
+            "A save was interrupted, two saves were mixed, or the config was edited after saving; nothing was "
+            "loaded. Save the adapter again from the model. To keep a config edited on purpose, re-save the "
+            f"weights without the {CONFIG_DIGEST_KEY!r} metadata entry.")
+
+
+def current_umask() -> int:
+    """Returns the process umask without changing it (``/proc/self/status`` on Linux; else a brief swap)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # racy with other threads creating files; only where /proc is missing
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(umask: int, *, directory: bool = False) -> int:
+    """Returns the mode a plain ``open``/``mkdir`` gives under ``umask``.
+
+    Temporary-file helpers (``mkstemp``, and safetensors' own writer) give 0o600, which would make a
+    saved adapter unreadable to the rest of a group; saves here restore the usual mode.
+
+    >>> oct(usual_mode(0o022)), oct(usual_mode(0o022, directory=True)), oct(usual_mode(0o077))
+    ('0o644', '0o755', '0o600')
+    """
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def set_usual_modes(path: str | os.PathLike) -> None:
+    """Gives ``path`` (and, for a directory, the regular files in it) the usual modes under the current umask."""
+    path, umask = Path(path), current_umask()
+    if path.is_dir():
+        for entry in path.iterdir():
+            if entry.is_file() and not entry.is_symlink():
+                os.chmod(entry, usual_mode(umask))
+    os.chmod(path, usual_mode(umask, directory=path.is_dir()))
+
+
+def temp_sibling(target: str | os.PathLike) -> Path:
+    """Returns a fresh temporary name next to ``target``, ``.<name>.tmp-<pid>-<8 hex>``.
+
+    >>> name = temp_sibling("/runs/adapter").name
+    >>> _writer_pid(name, "adapter") == os.getpid(), len(name) == len(f".adapter.tmp-{os.getpid()}-") + 8
+    (True, True)
+    """
+    target = Path(target)
+    return target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _writer_pid(entry: str, target_name: str) -> int | None:
+    """Returns the writer pid encoded in a temporary's name, or None if ``entry`` is not one of ours.
+
+    >>> _writer_pid(".adapter.tmp-4321-0a1b2c3d", "adapter"), _writer_pid(".adapter.tmp-x-0a1b2c3d", "adapter")
+    (4321, None)
+    """
+    match = re.fullmatch(rf"\.{re.escape(target_name)}\.tmp-(\d+)-[0-9a-f]{{8}}", entry)
+    return int(match.group(1)) if match else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temps(target: str | os.PathLike, *, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Removes the temporaries of ``target`` left by writers that died or that are older than ``max_age_s``.
+
+    Works for temporary files and directories alike. Returns the paths removed.
+    """
+    target = Path(target)
+    removed = []
+    try:
+        entries = os.listdir(target.parent)
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        pid = _writer_pid(entry, target.name)
+        if pid is None:
+            continue
+        path = target.parent / entry
+        try:
+            age = time.time() - path.lstat().st_mtime
+        except FileNotFoundError:
+            continue  # another saver removed it first
+        if _pid_alive(pid) and age < max_age_s:
+            continue
+        _remove(path)
+        removed.append(path)
+        logger.info("removed %s, left by an interrupted save (writer pid %d)", path, pid)
+    return removed
+
+
+def _check_replaceable(target: Path) -> list[str]:
+    """Returns the carried-over names in an existing ``target``; raises for anything it must not delete."""
+    if not os.path.lexists(target):
+        return []
+    if not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory; an adapter is a directory. Choose another "
+                         "path, or remove that file first.")
+    entries = sorted(os.listdir(target))
+    unknown = [e for e in entries if e not in ADAPTER_NAMES and e not in CARRIED_NAMES]
+    if unknown:
+        raise ValueError(f"{target} holds files that are not part of an adapter: {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''}. Saving replaces the whole directory, so nothing "
+                         "was written. Save the adapter into its own directory, or move those files out.")
+    return [e for e in entries if e in CARRIED_NAMES]
+
+
+def _fsync(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Atomically swaps two existing paths; returns False where the system cannot (then nothing moved)."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Puts ``new`` at ``target``; afterwards ``new`` holds the previous adapter, or nothing."""
+    for _ in range(10):
+        if os.path.lexists(target):
+            try:
+                if not _exchange(new, target):
+                    _three_renames(new, target)
+                return
+            except FileNotFoundError:
+                continue  # a fallback saver moved the target aside just now: rename into the free name
+        try:
+            os.rename(new, target)
+            return
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise  # else another saver created the target first: exchange with it
+    raise OSError(f"could not put the new adapter at {target}: other saves kept replacing it; save again.")
+
+
+def _three_renames(new: Path, target: Path) -> None:
+    """The fallback without RENAME_EXCHANGE: old aside, new in. Leaves the old adapter at ``new``."""
+    aside = temp_sibling(target)
+    os.rename(target, aside)
+    try:
+        os.rename(new, target)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.rename(aside, target)
+        _remove(aside)  # still here only if the other save took the target: then it is superseded
+        raise OSError(f"could not put the new adapter at {target} ({err}); another save replaced it at the same "
+                      "time. The directory holds one whole adapter; save again if it is not yours.") from err
+    os.rename(aside, new)
+
+
+def save_adapter_dir(target: str | os.PathLike, write_files: Callable[[Path], None]) -> Path:
+    """Replaces the adapter directory ``target`` in one atomic step with what ``write_files`` writes.
+
+    ``write_files(directory)`` writes the adapter's files (``CONFIG_NAME``, ``WEIGHTS_NAME``) into a
+    fresh, empty temporary directory next to ``target``. A ``README.md`` already in ``target`` is
+    carried over. Files and directories get the usual modes (``0o666``/``0o777`` less the umask).
+
+    Args:
+        target: the adapter directory; created with its parents if needed. A symlink is followed,
+            and the directory it points to is replaced.
+        write_files: writes the new adapter's files into the directory it is given.
+
+    Returns:
+        ``target``.
+
+    Raises:
+        ValueError: ``target`` is a file, or holds files other than an adapter's and ``README.md``
+            (a save replaces the whole directory, so it refuses before writing anything).
+        OSError: the filesystem refused, or other saves kept replacing ``target``.
+        Whatever ``write_files`` raises; ``target`` is then left as it was.
+    """
+    final = Path(os.path.realpath(target))
+    carried = _check_replaceable(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    new = temp_sibling(final)
+    os.mkdir(new)
+    try:
+        for name in carried:
+            with contextlib.suppress(FileNotFoundError):  # a concurrent save may have just swapped the target
+                shutil.copyfile(final / name, new / name)
+        write_files(new)
+        set_usual_modes(new)
+        for entry in os.listdir(new):
+            _fsync(new / entry)
+        _fsync(new)
+        _swap_in(new, final)
+        _fsync(final.parent)
+    finally:
+        _remove(new)  # the partial new adapter on failure, the previous one on success
+    remove_stale_temps(final)
+    return Path(target)
+
+
+@dataclass(frozen=True)
+class PinnedAdapterDir:
+    """The adapter files of one save, held open: reads return that save's bytes even if another swaps in.
+
+    Attributes:
+        path: the directory as the caller named it (for messages).
+        names: the adapter files present (``ADAPTER_NAMES`` members), in that order.
+    """
+
+    path: Path
+    names: tuple[str, ...]
+    _handles: dict[str, int] = field(repr=False)
+
+    def read_bytes(self, name: str) -> bytes:
+        """Returns the whole content of the pinned file ``name``."""
+        if name not in self._handles:
+            raise FileNotFoundError(f"{self.path} has no {name}.")
+        handle, chunks, offset = self._handles[name], [], 0
+        while chunk := os.pread(handle, 1 << 24, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+
+def _missing_dir_error(path: Path) -> FileNotFoundError:
+    leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+    hint = (f" An interrupted save left {leftovers}; one may hold the previous adapter: rename it to {path.name} "
+            "if it has an adapter_config.json.") if leftovers else ""
+    return FileNotFoundError(f"{path} does not exist; expected an adapter directory there.{hint}")
+
+
+def _pin_once(path: Path) -> PinnedAdapterDir | None:
+    """Opens the adapter files relative to one open of the directory; None if a save swapped it meanwhile."""
+    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    handles: dict[str, int] = {}
+    try:
+        for name in ADAPTER_NAMES:
+            with contextlib.suppress(FileNotFoundError):
+                handles[name] = os.open(name, os.O_RDONLY, dir_fd=directory)
+        # A directory is emptied only after a save swapped it out, so if ``path`` still names the one we
+        # opened, every file we found (or missed) was there for this save.
+        held, now = os.fstat(directory), os.stat(path)
+        if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+            return PinnedAdapterDir(path, tuple(handles), handles)
+    except FileNotFoundError:
+        pass
+    except BaseException:
+        for handle in handles.values():
+            os.close(handle)
+        raise
+    finally:
+        os.close(directory)
+    for handle in handles.values():
+        os.close(handle)
+    return None
+
+
+@contextlib.contextmanager
+def open_adapter_dir(path: str | os.PathLike) -> Iterator[PinnedAdapterDir]:
+    """Pins the adapter directory ``path`` to one save and yields its files, closed on exit.
+
+    Reads through the yielded value come from one save even when another save replaces ``path``
+    meanwhile. Temporary directories of saves in progress are never read.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names leftovers of an interrupted save).
+        NotADirectoryError: ``path`` is a file.
+        OSError: saves replaced ``path`` on every one of many attempts to open it.
+    """
+    path = Path(path)
+    for attempt in range(_PIN_ATTEMPTS):
+        try:
+            pinned = _pin_once(path)
+        except FileNotFoundError:
+            pinned = None  # without RENAME_EXCHANGE a save leaves no directory for a moment
+            if attempt >= 5:
+                raise _missing_dir_error(path) from None
+        if pinned is not None:
+            break
+        time.sleep(0.001 * attempt)
+    else:
+        raise OSError(f"{path} was replaced by other saves during each of {_PIN_ATTEMPTS} attempts to read it; "
+                      "read it again when the saves are done.")
+    try:
+        yield pinned
+    finally:
+        for handle in pinned._handles.values():
+            os.close(handle)
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """The two files of one adapter save, read whole and checked to belong together.
+
+    Attributes:
+        directory: where they were read from.
+        config: the exact bytes of ``adapter_config.json``.
+        weights: the exact bytes of the weights file.
+        weights_name: ``WEIGHTS_NAME``, or ``PICKLED_WEIGHTS_NAME`` for older PEFT adapters.
+    """
+
+    directory: Path
+    config: bytes
+    weights: bytes
+    weights_name: str
+
+
+def read_adapter_files(path: str | os.PathLike) -> AdapterFiles:
+    """Reads the config and weights of one save of the adapter directory ``path``, and checks their digest.
+
+    The safetensors weights are preferred over ``adapter_model.bin``. The digest is checked only where
+    the weights record one (adapters saved by this project; PEFT records none).
+
+    Raises:
+        FileNotFoundError: no directory, no config, or no weights file.
+        ValueError: config and weights come from different saves, or the safetensors header is corrupt.
+    """
+    path = Path(path)
+    with open_adapter_dir(path) as pinned:
+        if CONFIG_NAME not in pinned.names:
+            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; it is not a PEFT adapter directory.")
+        weights_name = next((n for n in (WEIGHTS_NAME, PICKLED_WEIGHTS_NAME) if n in pinned.names), None)
+        if weights_name is None:
+            raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}; it is not a PEFT adapter directory.")
+        files = AdapterFiles(path, pinned.read_bytes(CONFIG_NAME), pinned.read_bytes(weights_name), weights_name)
+    if weights_name == WEIGHTS_NAME:
+        metadata = safetensors_metadata(files.weights, str(path / weights_name))
+        check_config_digest(files.config, metadata, str(path))
+    return files
