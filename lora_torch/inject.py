@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from torch import nn
@@ -15,6 +16,8 @@ from lora_torch.targeting import (
     module_is_targeted,
     summarize_names,
 )
+
+logger = logging.getLogger(__name__)
 
 _SUPPORTED = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in WRAPPER_FOR_TYPE)
 
@@ -137,7 +140,8 @@ def inject_lora(
             Not allowed with a regex string: PEFT ignores it there, so put the index in the regex.
         layers_pattern: the name of the layer list (``"h"`` for GPT-2) when the default rule,
             the first ``<name>.<digits>.`` segment, picks the wrong index.
-        verbose: print the replaced module names (the tutorial's report).
+        verbose: log the replaced module names at INFO level (the tutorial's report), through
+            ``logging.getLogger("lora_torch.inject")``.
 
     Returns:
         ``model``; ``lora_module_names(model)`` lists the replaced modules.
@@ -168,6 +172,6 @@ def inject_lora(
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, wrapper)
     if verbose:
-        print(f"inject_lora: replaced {len(wrappers)} modules (rank={rank}, alpha={lora_alpha:g}): "
-              f"{', '.join(wrappers)}")
+        logger.info("inject_lora: replaced %d modules (rank=%d, alpha=%g): %s", len(wrappers), rank, lora_alpha,
+                    ", ".join(wrappers))
     return model

@@ -36,17 +36,25 @@ def lora_scaling(rank: int, lora_alpha: float, use_rslora: bool = False) -> floa
 def check_lora_settings(rank: int, lora_alpha: float, dropout: float) -> None:
     """Raises a ValueError naming the bad setting and a sensible value.
 
+    ``lora_alpha`` must be finite: an infinite alpha makes the scaling infinite and every output NaN.
+
     >>> check_lora_settings(8, 16.0, 0.0)
     >>> check_lora_settings(0, 16.0, 0.0)
     Traceback (most recent call last):
     ...
     ValueError: rank must be a positive int, got 0; typical values are 4, 8 or 16.
+    >>> check_lora_settings(8, float("inf"), 0.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: lora_alpha must be a finite positive number, got inf; a common choice is 2 * rank (e.g. 16).
     """
     # bool is an int subclass; a rank of True is a bug, not a rank of 1.
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}; typical values are 4, 8 or 16.")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}; a common choice is 2 * rank.")
+    if (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha)
+            or not lora_alpha > 0):
+        raise ValueError(f"lora_alpha must be a finite positive number, got {lora_alpha!r}; a common choice is "
+                         f"2 * rank (e.g. {2 * rank}).")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}; use 0.0 to disable it.")
 

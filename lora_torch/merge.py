@@ -71,16 +71,19 @@ def unmerge_lora_weights(model: nn.Module) -> nn.Module:
     weights after merging (e.g. further training) are discarded.
 
     Raises:
-        ValueError: no merged layer kept its wrapper (nothing merged, or ``keep_for_unmerge=False``),
-            or the model carries live LoRA wrappers (injected after the merge).
+        ValueError: no merged layer kept its wrapper (nothing merged, already unmerged, or
+            ``keep_for_unmerge=False``), or the model carries live LoRA wrappers (injected after the merge).
     """
     live = list(lora_wrappers(model))
+    restorable = {name: module.__dict__[_UNMERGE_ATTR] for name, module in model.named_modules()
+                  if _UNMERGE_ATTR in module.__dict__}
+    if live and not restorable:
+        raise ValueError(f"the model is not merged: its LoRA layers are live ({live[:3]}...), so there is nothing "
+                         "to unmerge (was it unmerged already?). Call merge_lora_weights(model) first.")
     if live:
         # A kept layer may now sit inside a new wrapper; restoring it there would nest adapters.
         raise ValueError(f"the model carries LoRA injected after the merge ({live[:3]}...); "
                          "merge_lora_weights(model) those first, then unmerge.")
-    restorable = {name: module.__dict__[_UNMERGE_ATTR] for name, module in model.named_modules()
-                  if _UNMERGE_ATTR in module.__dict__}
     if not restorable:
         raise ValueError("nothing to unmerge: no layer was merged by merge_lora_weights(model, keep_for_unmerge=True).")
     for name, wrapper in restorable.items():

@@ -2,6 +2,10 @@
 
 Tensor keys are ``base_model.model.<module>.lora_A.weight`` holding ``A.T`` (r, in) and
 ``...lora_B.weight`` holding ``B.T`` (out, r), float32, exactly what ``peft`` writes and reads.
+
+Saving and reading go through ``lora_format.adapter_dir``: a save replaces the whole directory in
+one atomic step, a read takes both files from one save, and the weights' metadata records the
+sha256 of the config they were saved with, so a config and weights from different saves are refused.
 """
 
 from __future__ import annotations
@@ -10,17 +14,27 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from lora_format.adapter_dir import (
+    CONFIG_NAME,
+    PICKLED_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    encode_config,
+    read_adapter_files,
+    save_adapter_dir,
+    weights_metadata,
+)
 from lora_torch.inject import check_wrappable, find_target_modules, inject_lora, lora_wrappers
 from lora_torch.layers import LoRAWrapper, lora_scaling
 from lora_torch.lora_weights import check_tensors_fit
 from lora_torch.peft_config import AdapterSpec, build_adapter_config, parse_adapter_config
-from lora_torch.tensor_files import read_json, read_tensors, write_json, write_safetensors
+from lora_torch.tensor_files import parse_json, tensors_from_bytes
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT; read only with weights_only=True
+__all__ = ["CONFIG_NAME", "PICKLED_WEIGHTS_NAME", "WEIGHTS_NAME", "load_adapter", "peft_keys", "peft_state_dict",
+           "save_adapter"]
+
 KEY_PREFIX = "base_model.model."
 
 
@@ -47,29 +61,30 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
     """Writes the injected LoRA as a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads.
 
-    Each file is written to a temporary file in ``directory`` and renamed over its destination,
-    the weights first and the config last; ``load_adapter`` checks that the two agree.
+    The whole directory is replaced in one atomic step (``lora_format.adapter_dir.save_adapter_dir``):
+    a crash or a concurrent save leaves the previous adapter or this one, never a mix, and the
+    weights record the sha256 of their config, which ``load_adapter`` checks.
 
     Args:
         model: a model with LoRA injected (one rank/alpha/dropout/use_rslora for all modules).
-        directory: destination directory (created if needed; other files in it are left alone).
+        directory: destination directory (created if needed). It may hold a previous adapter and a
+            ``README.md`` (kept); anything else is refused, since the directory is replaced whole.
         base_model_name_or_path: recorded in the config, e.g. ``"gpt2"`` or a checkpoint directory.
 
     Returns:
         The directory path.
+
+    Raises:
+        ValueError: no LoRA, modules with different settings, or ``directory`` holds other files.
     """
-    config = build_adapter_config(model, base_model_name_or_path)
-    directory = Path(directory)
-    write_safetensors(peft_state_dict(model), directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    write_json(config, directory / CONFIG_NAME)
-    return directory
+    config_bytes = encode_config(build_adapter_config(model, base_model_name_or_path))
+    tensors = {name: t.to("cpu").contiguous() for name, t in peft_state_dict(model).items()}
 
+    def write_files(new: Path) -> None:
+        save_file(tensors, str(new / WEIGHTS_NAME), metadata=weights_metadata(config_bytes))
+        (new / CONFIG_NAME).write_bytes(config_bytes)
 
-def _read_adapter_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
-    for name in (WEIGHTS_NAME, PICKLED_WEIGHTS_NAME):
-        if (directory / name).is_file():
-            return read_tensors(directory / name), str(directory / name)
-    raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}; it is not a PEFT adapter directory.")
+    return save_adapter_dir(directory, write_files)
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
@@ -101,26 +116,32 @@ def _expected_shapes(modules: dict[str, nn.Module], rank: int) -> dict[str, torc
     return expected
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, *, allow_nonfinite: bool = False) -> nn.Module:
     """Loads a PEFT LoRA adapter directory into ``model``; returns ``model``.
 
     A plain model gets LoRA injected as the config says; a model that already carries exactly that
-    LoRA (same modules, rank and scaling) has its weights overwritten. The config, every tensor
-    name and every shape are checked before the model is touched, so any error leaves it unchanged.
+    LoRA (same modules, rank and scaling) has its weights overwritten. Both files are read from one
+    save even if another save replaces the directory meanwhile. The config, the config digest the
+    weights record (if any), every tensor name, shape, dtype and value are checked before the model
+    is touched, so any error leaves it unchanged.
 
     Args:
         model: the base model the adapter was trained on (e.g. ``GPT2LMHeadModel.from_pretrained``).
         directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        allow_nonfinite: accept NaN and inf tensor values instead of refusing the adapter.
 
     Raises:
         FileNotFoundError: a file is missing.
-        ValueError: bad or unsupported config, truncated file, missing/unknown keys, wrong shapes
-            (e.g. an adapter for a different base model), or incompatible existing LoRA.
+        ValueError: bad or unsupported config, config and weights from different saves, truncated
+            file, missing/unknown keys, wrong shapes (e.g. an adapter for a different base model),
+            non-float tensors, NaN/inf values, or incompatible existing LoRA.
         TypeError: the config targets modules that are not ``nn.Linear`` / ``Conv1D``.
     """
-    directory = Path(directory)
-    spec = parse_adapter_config(read_json(directory / CONFIG_NAME), str(directory / CONFIG_NAME))
-    tensors, source = _read_adapter_tensors(directory)
+    files = read_adapter_files(directory)
+    directory = files.directory
+    spec = parse_adapter_config(parse_json(files.config, str(directory / CONFIG_NAME)), str(directory / CONFIG_NAME))
+    source = str(directory / files.weights_name)
+    tensors = tensors_from_bytes(files.weights, files.weights_name, source)
     existing = lora_wrappers(model)
     if existing:
         _check_compatible(model, existing, spec, source)
@@ -129,7 +150,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         matched = find_target_modules(model, spec.target_modules, spec.layers_to_transform, spec.layers_pattern)
         check_wrappable(matched)
         modules = dict(matched)
-    check_tensors_fit(_expected_shapes(modules, spec.rank), tensors, source)
+    check_tensors_fit(_expected_shapes(modules, spec.rank), tensors, source, allow_nonfinite=allow_nonfinite)
     if not existing:
         inject_lora(model, spec.target_modules, spec.rank, spec.lora_alpha, dropout=spec.dropout,
                     use_rslora=spec.use_rslora, layers_to_transform=spec.layers_to_transform,

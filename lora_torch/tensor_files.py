@@ -1,23 +1,36 @@
 """Tensor and JSON files on disk: written atomically, read without running pickled code.
 
-A write goes to a temporary file in the destination's directory and is then ``os.replace``d
-over the destination, so a crash leaves either the old file or the new one, never half of one.
+A write goes to a temporary file next to the destination (``.<name>.tmp-<pid>-<hex>``, mode
+``0o666`` less the umask like any new file), is fsynced and then ``os.replace``d over the
+destination, so a crash leaves either the old file or the new one, never half of one. The next
+write to the same name removes temporaries left by writers that were killed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
+
+from lora_format.adapter_dir import remove_stale_temps, set_usual_modes, temp_sibling
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flushes a file, or a directory's entries (after a rename in it), to disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 @contextlib.contextmanager
@@ -25,14 +38,17 @@ def atomic_destination(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_sibling(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         yield tmp
+        set_usual_modes(tmp)  # writers such as safetensors replace the file with a 0o600 one
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+    remove_stale_temps(path)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -50,18 +66,57 @@ def write_json(obj: object, path: str | os.PathLike) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def parse_json(data: bytes, source: str) -> dict:
+    """Parses the bytes of a JSON object, raising a ValueError that names ``source`` when they are not one.
+
+    >>> parse_json(b'{"r": 8}', "c.json")
+    {'r': 8}
+    """
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{source} is not valid JSON ({err}); the file is truncated or corrupt, "
+                         "save it again.") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source} must hold a JSON object, found {type(obj).__name__}.")
+    return obj
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """Reads a JSON object, raising a ValueError that names the file when it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected a JSON file there.")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the file is truncated or corrupt, save it again.") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(obj).__name__}.")
-    return obj
+    return parse_json(path.read_bytes(), str(path))
+
+
+def tensors_from_bytes(data: bytes, name: str, source: str) -> dict[str, torch.Tensor]:
+    """Reads a name->tensor file's bytes; ``name``'s suffix picks the format, as in ``read_tensors``.
+
+    Raises:
+        ValueError: the bytes are truncated, corrupt, of an unknown suffix, or not a name->tensor mapping.
+    """
+    suffix = Path(name).suffix
+    if suffix == ".safetensors":
+        try:
+            tensors = load(data)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{source} is not a readable safetensors file ({err}); it is truncated or corrupt, "
+                             "save it again.") from err
+    elif suffix in PICKLE_SUFFIXES:
+        try:
+            # weights_only=True refuses arbitrary pickled objects, so a hostile file cannot run code.
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several unrelated types for bad pickles
+            raise ValueError(f"{source} could not be read with torch.load(weights_only=True) ({err}); "
+                             "it is corrupt or holds more than tensors. Prefer .safetensors.") from err
+    else:
+        raise ValueError(f"{source} has suffix {suffix!r}; expected .safetensors (or .pt/.pth/.bin).")
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise ValueError(f"{source} must hold a flat mapping of str -> tensor.")
+    return tensors
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -74,23 +129,4 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist.")
-    if path.suffix == ".safetensors":
-        try:
-            tensors = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt, "
-                             "save it again.") from err
-    elif path.suffix in PICKLE_SUFFIXES:
-        try:
-            # weights_only=True refuses arbitrary pickled objects, so a hostile file cannot run code.
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several unrelated types for bad pickles
-            raise ValueError(f"{path} could not be read with torch.load(weights_only=True) ({err}); "
-                             "it is corrupt or holds more than tensors. Prefer .safetensors.") from err
-    else:
-        raise ValueError(f"{path} has suffix {path.suffix!r}; expected .safetensors (or .pt/.pth/.bin).")
-    if not isinstance(tensors, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
-    ):
-        raise ValueError(f"{path} must hold a flat mapping of str -> tensor.")
-    return tensors
+    return tensors_from_bytes(path.read_bytes(), path.name, str(path))

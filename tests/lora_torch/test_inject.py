@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -41,14 +42,16 @@ def test_gpt2_small_trainable_counts(gpt2_small, targets, trainable, replaced, c
     assert len(lora_module_names(model)) == replaced
 
 
-def test_replaced_names_and_report(tiny_model, capsys):
-    inject_lora(tiny_model, ["c_attn", "mlp.c_fc"], rank=2)
+def test_replaced_names_and_report(tiny_model, capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="lora_torch.inject"):
+        inject_lora(tiny_model, ["c_attn", "mlp.c_fc"], rank=2)
     assert lora_module_names(tiny_model) == [
         "transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc",
         "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc",
     ]
     assert isinstance(tiny_model.transformer.h[1].attn.c_attn, Conv1DWithLoRA)
-    assert "replaced 4 modules" in capsys.readouterr().out
+    assert [r.getMessage().split(":")[1] for r in caplog.records] == [" replaced 4 modules (rank=2, alpha=16)"]
+    assert capsys.readouterr().out == ""  # a library logs, it does not print
     names = [name for name, _ in tiny_model.named_parameters() if "lora" in name]
     assert names[:2] == ["transformer.h.0.attn.c_attn.lora.lora_A", "transformer.h.0.attn.c_attn.lora.lora_B"]
 
@@ -122,6 +125,8 @@ def test_second_injection_into_other_modules_is_allowed(tiny_model):
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
     ({"rank": 0}, ValueError, "rank"),
     ({"lora_alpha": -1.0}, ValueError, "lora_alpha"),
+    ({"lora_alpha": float("inf")}, ValueError, "lora_alpha must be a finite positive number, got inf"),
+    ({"lora_alpha": float("nan")}, ValueError, "lora_alpha must be a finite positive number, got nan"),
     ({"layers_to_transform": [-1]}, TypeError, "layers_to_transform"),
     ({"target_modules": ".*c_attn", "layers_to_transform": [0]}, ValueError, "regex"),
     ({"target_modules": 3}, TypeError, "target_modules"),

@@ -47,6 +47,14 @@ def test_bad_settings_raise_value_error(bad):
         LoRALayer(4, 4, **bad)
 
 
+@pytest.mark.parametrize("alpha", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_alpha_is_refused(alpha):
+    # An infinite alpha made scaling inf and every output NaN.
+    with pytest.raises(ValueError, match=r"lora_alpha must be a finite positive number, got (-?inf|nan); a common "
+                                         r"choice is 2 \* rank \(e\.g\. 16\)"):
+        LoRALayer(4, 4, rank=8, lora_alpha=alpha)
+
+
 def test_linear_wrapper_identity_at_init_and_passthrough():
     torch.manual_seed(0)
     linear = nn.Linear(5, 7)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
+import stat
+import subprocess
 
 import pytest
 import torch
@@ -31,18 +35,71 @@ def target(tiny_gpt2_dir, randomize_lora):
     return model
 
 
-def test_round_trip_is_bit_exact(saved, target, token_ids, capsys):
+def test_round_trip_is_bit_exact(saved, target, token_ids, capsys, caplog):
     path, tensors = saved
     assert len(tensors) == 12 and all(name.endswith(("lora.lora_A", "lora.lora_B")) for name in tensors)
-    load_lora_weights(target, path)
+    with caplog.at_level(logging.INFO, logger="lora_torch.lora_weights"):
+        load_lora_weights(target, path)
     state = target.state_dict()
     assert all(torch.equal(state[name], tensor) for name, tensor in tensors.items())
-    assert "loaded 12 tensors" in capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records] == [f"load_lora_weights: loaded 12 tensors from {path}"]
+    assert capsys.readouterr().out == ""  # a library logs, it does not print
 
 
 def test_save_leaves_no_temp_files(saved):
     path, _ = saved
     assert sorted(p.name for p in path.parent.iterdir()) == ["lora.safetensors"]
+
+
+def test_saved_file_mode_follows_umask(tiny_model, tmp_path):
+    inject_lora(tiny_model, TARGETS, rank=4, verbose=False)
+    old = os.umask(0o022)
+    try:
+        save_lora_weights(tiny_model, tmp_path / "lora.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "lora.safetensors").stat().st_mode) == 0o644  # mkstemp gave 0o600
+
+
+def test_next_save_removes_temp_of_a_killed_writer(saved, tiny_model):
+    path, _ = saved
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: its pid is dead, like a SIGKILLed writer's
+    leftover = path.parent / f".{path.name}.tmp-{child.pid}-0a1b2c3d"
+    leftover.write_bytes(b"half a file")
+    save_lora_weights(tiny_model, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["lora.safetensors"]
+
+
+def _with_values(tensors, name, values):
+    return {**tensors, name: values}
+
+
+def test_nan_values_are_refused_unless_allowed(saved, target, tmp_path, snapshot, assert_same_state):
+    _, tensors = saved
+    key = "transformer.h.1.attn.c_proj.lora.lora_B"
+    poisoned = tensors[key].clone()
+    poisoned[0, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    bad = tmp_path / "nan.safetensors"
+    save_file(_with_values(tensors, key, poisoned), bad)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=rf"{key} holds 3 NaN or inf values \(of 128\).*allow_nonfinite=True"):
+        load_lora_weights(target, bad)
+    assert_same_state(target, before)
+    load_lora_weights(target, bad, allow_nonfinite=True)
+    assert torch.isnan(target.transformer.h[1].attn.c_proj.lora.lora_B).sum().item() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_non_float_tensors_are_refused(saved, target, tmp_path, dtype, snapshot, assert_same_state):
+    _, tensors = saved
+    key = "transformer.h.0.attn.c_attn.lora.lora_A"
+    bad = tmp_path / "int.safetensors"
+    save_file(_with_values(tensors, key, tensors[key].to(dtype)), bad)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=rf"{key} has dtype {dtype}\. LoRA weights are floating point"):
+        load_lora_weights(target, bad)
+    assert_same_state(target, before)
 
 
 def test_pt_file_loads_through_weights_only(saved, target, tmp_path):

@@ -91,6 +91,15 @@ def test_merge_without_lora_raises(tiny_model):
         merge_lora_weights(tiny_model)
 
 
+def test_unmerge_twice_says_the_model_is_not_merged(tiny_model):
+    inject_lora(tiny_model, ["c_attn"], rank=2, verbose=False)
+    unmerge_lora_weights(merge_lora_weights(tiny_model))
+    with pytest.raises(ValueError, match=r"the model is not merged: its LoRA layers are live .* Call "
+                                         r"merge_lora_weights\(model\) first"):
+        unmerge_lora_weights(tiny_model)
+    assert len(lora_module_names(tiny_model)) == 2
+
+
 def test_unmerge_refuses_while_new_lora_is_live(tiny_model):
     inject_lora(tiny_model, ["c_attn"], rank=2, verbose=False)
     merge_lora_weights(tiny_model)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
+import threading
 
 import peft
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import GPT2LMHeadModel
 
 from lora_torch import inject_lora, load_adapter, lora_module_names, lora_wrappers, save_adapter
@@ -95,9 +101,20 @@ def adapter_dir(tiny_model, randomize_lora, tmp_path):
     return save_adapter(tiny_model, tmp_path / "adapter")
 
 
+def _drop_digest(directory):
+    """Re-saves the weights with PEFT's metadata only, as if PEFT had saved them: no config digest to check."""
+    path = directory / "adapter_model.safetensors"
+    save_file(load_file(path), path, metadata={"format": "pt"})
+
+
+def _write_config(directory, text):
+    _drop_digest(directory)  # these cases test the config checks, not the digest
+    (directory / "adapter_config.json").write_text(text)
+
+
 def _edit_config(directory, **changes):
     path = directory / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    _write_config(directory, json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 def _edit_tensors(directory, edit):
@@ -110,7 +127,7 @@ def _edit_tensors(directory, edit):
      "missing 2 tensors"),
     (lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:300]),
      ValueError, "truncated or corrupt"),
-    (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LO'), ValueError, "not valid JSON"),
+    (lambda d: _write_config(d, '{"peft_type": "LO'), ValueError, "not valid JSON"),
     (lambda d: _edit_config(d, use_dora=True), ValueError, "use_dora"),
     (lambda d: _edit_config(d, peft_type="IA3"), ValueError, "peft_type"),
     (lambda d: _edit_config(d, r=4), ValueError, r"shape \(2, 32\), the model needs \(4, 32\)"),
@@ -154,3 +171,141 @@ def test_save_without_lora_and_mixed_ranks_raise(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="different rank"):
         save_adapter(tiny_model, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_weights_record_the_digest_of_their_config(adapter_dir):
+    config_bytes = (adapter_dir / "adapter_config.json").read_bytes()
+    with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as weights:
+        assert weights.metadata() == {"format": "pt",
+                                      "lora_parity.config_sha256": hashlib.sha256(config_bytes).hexdigest()}
+
+
+def test_config_from_another_save_is_refused(adapter_dir, tiny_gpt2_dir, tmp_path, snapshot, assert_same_state):
+    # What a crash between the two renames of the old save left: new weights beside an old config (alpha 4 vs 8).
+    other = inject_lora(_load(tiny_gpt2_dir), ["c_attn", "c_fc"], rank=2, lora_alpha=4.0, verbose=False)
+    save_adapter(other, tmp_path / "other")
+    (adapter_dir / "adapter_config.json").write_bytes((tmp_path / "other" / "adapter_config.json").read_bytes())
+    model = _load(tiny_gpt2_dir)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"adapter_config.json and adapter_model.safetensors come from different "
+                                         r"saves .* Save the adapter again"):
+        load_adapter(model, adapter_dir)
+    assert_same_state(model, before)
+
+
+def test_infinite_alpha_in_config_is_refused(adapter_dir, tiny_gpt2_dir, snapshot, assert_same_state):
+    # It used to load, and every logit came out NaN.
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    text = json.dumps({**config, "lora_alpha": float("inf")})
+    assert '"lora_alpha": Infinity' in text  # what json.dumps writes for float('inf')
+    _write_config(adapter_dir, text)
+    model = _load(tiny_gpt2_dir)
+    before = snapshot(model)
+    with pytest.raises(ValueError):  # the message comes from the shared config field table
+        load_adapter(model, adapter_dir)
+    assert_same_state(model, before)
+    assert lora_module_names(model) == []
+
+
+def test_nan_weights_are_refused_unless_allowed(adapter_dir, tiny_gpt2_dir, snapshot, assert_same_state):
+    key = "base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"
+    _edit_tensors(adapter_dir, lambda t: {**t, key: torch.full_like(t[key], float("nan"))})
+    model = _load(tiny_gpt2_dir)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"{key} holds 256 NaN or inf values \(of 256\)\. .*allow_nonfinite=True"):
+        load_adapter(model, adapter_dir)
+    assert_same_state(model, before)
+    load_adapter(model, adapter_dir, allow_nonfinite=True)
+    assert torch.isnan(model.transformer.h[0].mlp.c_fc.lora.lora_B).sum().item() == 256
+
+
+def test_int32_weights_are_refused(adapter_dir, tiny_gpt2_dir, snapshot, assert_same_state):
+    key = "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"
+    _edit_tensors(adapter_dir, lambda t: {**t, key: t[key].to(torch.int32)})
+    model = _load(tiny_gpt2_dir)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"{key} has dtype torch.int32\. LoRA weights are floating point"):
+        load_adapter(model, adapter_dir)
+    assert_same_state(model, before)
+
+
+def test_saved_modes_follow_umask_and_no_temp_is_left(tiny_model, tmp_path):
+    inject_lora(tiny_model, ["c_attn"], rank=2, verbose=False)
+    old = os.umask(0o022)
+    try:
+        save_adapter(tiny_model, tmp_path / "adapter")
+        save_adapter(tiny_model, tmp_path / "adapter")  # the second save replaces the first
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in (tmp_path / "adapter").iterdir()}
+    assert modes == {"adapter_config.json": "0o644", "adapter_model.safetensors": "0o644"}
+    assert oct(stat.S_IMODE((tmp_path / "adapter").stat().st_mode)) == "0o755"
+
+
+def test_save_keeps_readme_and_refuses_other_files(tiny_model, tmp_path):
+    inject_lora(tiny_model, ["c_attn"], rank=2, verbose=False)
+    directory = tmp_path / "adapter"
+    directory.mkdir()
+    (directory / "README.md").write_text("model card")
+    save_adapter(tiny_model, directory)
+    assert (directory / "README.md").read_text() == "model card"
+    (directory / "optimizer.pt").write_bytes(b"state")
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with pytest.raises(ValueError, match=r"holds files that are not part of an adapter: \['optimizer.pt'\]\. .*Save "
+                                         r"the adapter into its own directory"):
+        save_adapter(tiny_model, directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def _lora_params(model):
+    return [p for name, p in model.named_parameters() if ".lora." in name]
+
+
+def test_concurrent_saves_and_loads_never_mix(tmp_path):
+    # Two writers save different adapters (alpha AND values differ) to one path while a reader loads:
+    # the old two-rename save let 17 of 200 such races leave a mixed directory.
+    target = tmp_path / "adapter"
+    adapters = {}
+    for alpha, value in ((8.0, 1.0), (16.0, 2.0)):
+        model = inject_lora(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), ["0", "1"], rank=2, lora_alpha=alpha,
+                            verbose=False)
+        with torch.no_grad():
+            for param in _lora_params(model):
+                param.fill_(value)
+        adapters[alpha] = (model, value)
+    save_adapter(adapters[8.0][0], target)
+    stop, reads, mixes, errors = threading.Event(), [], [], []
+
+    def write(alpha):
+        try:
+            for _ in range(40):
+                save_adapter(adapters[alpha][0], target)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    def read():
+        while not stop.is_set():
+            try:
+                loaded = load_adapter(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), target)
+            except Exception as err:  # noqa: BLE001 - a mix shows up as the digest error
+                errors.append(err)
+                continue
+            alpha = loaded[0].lora.lora_alpha
+            values = {p.item() for p in torch.cat([t.flatten() for t in _lora_params(loaded)]).unique()}
+            reads.append(alpha)
+            if values != {adapters[alpha][1]}:
+                mixes.append((alpha, values))
+
+    threads = [threading.Thread(target=write, args=(a,)) for a in adapters]
+    reader = threading.Thread(target=read)
+    reader.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stop.set()
+    reader.join()
+    assert (errors, mixes) == ([], [])
+    assert len(reads) >= 10 and set(reads) <= {8.0, 16.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
