@@ -1,17 +1,40 @@
 """Input validation: the checkpoint directory (or hub id) and the optional PEFT adapter.
 
-Everything here runs before any model is built, so a bad ``--model`` or ``--adapter``
-fails in a second with a message that names the problem and the fix.
+Everything here reads only ``config.json``, ``adapter_config.json`` and safetensors headers, before
+any model is built, so a bad ``--model`` or ``--adapter`` fails in a second with a message that
+names the problem and the fix.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# The config.json fields parity sizes the batches and the LoRA shapes from; save_pretrained writes them all.
+GPT2_FIELDS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _PEFT_PREFIX = "base_model.model."
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """Reads a JSON file that must hold an object; the errors name the file.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: not UTF-8 JSON, or not a JSON object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; expected a JSON file there.")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the file is truncated or corrupt, save it again.") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(obj).__name__}; save the file again.")
+    return obj
 
 
 def read_gpt2_config(model_dir: str | os.PathLike) -> dict:
@@ -19,11 +42,13 @@ def read_gpt2_config(model_dir: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: the directory, its ``config.json`` or its weights are missing.
-        ValueError: the config is not a JSON object, or not a GPT-2 (``model_type`` other than ``"gpt2"``).
+        ValueError: the config is not a JSON object, not a GPT-2 (``model_type`` other than ``"gpt2"``),
+            or lacks one of :data:`GPT2_FIELDS` as a positive int.
     """
-    from lora_torch.tensor_files import read_json
-
     path = Path(model_dir)
+    if path.is_file():
+        raise FileNotFoundError(f"Model path {str(path)!r} is a file, not a checkpoint directory. Pass --model "
+                                "with the directory holding config.json and model.safetensors.")
     if not path.is_dir():
         raise FileNotFoundError(f"Model directory {str(path)!r} does not exist. Pass --model with a "
                                 "directory holding config.json and model.safetensors, or a hub id.")
@@ -31,7 +56,7 @@ def read_gpt2_config(model_dir: str | os.PathLike) -> dict:
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json; it is not a Hugging Face checkpoint "
                                 "directory (save one with model.save_pretrained(dir)).")
-    config = read_json(config_file)
+    config = read_json_object(config_file)
     model_type = config.get("model_type")
     if model_type != "gpt2":
         raise ValueError(f"{str(path)!r} holds a {model_type!r} checkpoint; parity compares GPT-2 only "
@@ -39,7 +64,37 @@ def read_gpt2_config(model_dir: str | os.PathLike) -> dict:
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise FileNotFoundError(f"{str(path)!r} has config.json but no weights: expected one of "
                                 f"{', '.join(WEIGHT_FILES)}.")
+    bad = [key for key in GPT2_FIELDS
+           if not isinstance(config.get(key), int) or isinstance(config.get(key), bool) or config[key] < 1]
+    if bad:
+        raise ValueError(f"{config_file} lacks positive int {', '.join(bad)}; a GPT-2 config.json written by "
+                         "save_pretrained has them all. Save the checkpoint again.")
     return config
+
+
+def check_model_weights(model_dir: str | os.PathLike) -> None:
+    """Reads the header of ``model.safetensors``: a truncated or corrupt file fails here, not mid-load.
+
+    ``pytorch_model.bin`` (pickle) cannot be checked without loading it and is left to the loaders.
+
+    Raises:
+        ValueError: ``model.safetensors`` is not a readable safetensors file.
+    """
+    weights = Path(model_dir) / "model.safetensors"
+    if weights.is_file():
+        _read_safetensors_shapes(weights)
+
+
+def _read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        # safe_open checks the header and that the data offsets cover the file, without reading the data.
+        with safe_open(str(path), framework="numpy") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt. "
+                         "Save or download it again.") from err
 
 
 def _looks_like_path(text: str) -> bool:
@@ -100,25 +155,16 @@ def module_shapes(gpt2_config: dict) -> dict[str, tuple[int, int]]:
             for name, shape in per_layer.items()}
 
 
-def validate_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict) -> dict:
-    """Checks a PEFT LoRA adapter directory fits the GPT-2 ``gpt2_config``, reading only headers.
-
-    Every tensor key must name a projection of this model and every shape must be
-    ``lora_A.weight`` (r, in) / ``lora_B.weight`` (out, r) for that projection.
-
-    Returns:
-        The adapter's ``adapter_config.json``.
+def check_adapter_files(adapter_dir: str | os.PathLike) -> Path:
+    """Checks ``adapter_dir`` is a directory holding both PEFT files; returns it as a Path.
 
     Raises:
-        FileNotFoundError: the directory or one of its two files is missing.
-        ValueError: not a LoRA adapter (or its config is not a JSON object), or an adapter for another
-            model (unknown module, wrong shape).
+        FileNotFoundError: it is missing, a file, or lacks one of the two files.
     """
-    from safetensors import safe_open
-
-    from lora_torch.tensor_files import read_json
-
     path = Path(adapter_dir)
+    if path.is_file():
+        raise FileNotFoundError(f"Adapter path {str(path)!r} is a file, not an adapter directory. Pass --adapter "
+                                "with the PEFT directory holding adapter_config.json and adapter_model.safetensors.")
     if not path.is_dir():
         raise FileNotFoundError(f"Adapter directory {str(path)!r} does not exist. Pass --adapter with a "
                                 "PEFT directory (adapter_config.json + adapter_model.safetensors).")
@@ -126,18 +172,50 @@ def validate_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict) -> dict:
         if not (path / name).is_file():
             raise FileNotFoundError(f"Adapter directory {str(path)!r} has no {name}; save adapters with "
                                     "lora_jax.save_adapter, lora_torch.save_adapter or PeftModel.save_pretrained.")
-    config = read_json(path / "adapter_config.json")
+    return path
+
+
+def adapter_factor_shapes(adapter_dir: str | os.PathLike, gpt2_config: dict) -> dict[str, dict[str, tuple]]:
+    """``module -> {"A": shape, "B": shape}`` of an adapter's tensors, read from the safetensors header.
+
+    Every key must name a projection of this GPT-2 and every shape must be ``lora_A.weight``
+    (r, in) / ``lora_B.weight`` (out, r) for that projection.
+
+    Raises:
+        ValueError: the file is truncated or corrupt, or the adapter was made for another model
+            (unknown module, wrong shape).
+    """
+    path = Path(adapter_dir)
+    expected = module_shapes(gpt2_config)
+    factors: dict[str, dict[str, tuple]] = {}
+    for key, shape in _read_safetensors_shapes(path / "adapter_model.safetensors").items():
+        module, leaf = _check_adapter_tensor(key, shape, expected, path)
+        factors.setdefault(module, {})[leaf] = shape
+    return factors
+
+
+def validate_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict) -> dict:
+    """Checks a PEFT LoRA adapter directory fits the GPT-2 ``gpt2_config``, reading only headers.
+
+    See :func:`adapter_factor_shapes` for the tensor checks.
+
+    Returns:
+        The adapter's ``adapter_config.json``.
+
+    Raises:
+        FileNotFoundError: the directory or one of its two files is missing, or it is a file.
+        ValueError: not a LoRA adapter (or its config is not a JSON object), a truncated tensor file,
+            or an adapter for another model (unknown module, wrong shape).
+    """
+    path = check_adapter_files(adapter_dir)
+    config = read_json_object(path / "adapter_config.json")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{str(path)!r} is a {config.get('peft_type')!r} adapter; parity needs peft_type 'LORA'.")
-    expected = module_shapes(gpt2_config)
-    with safe_open(str(path / "adapter_model.safetensors"), framework="numpy") as handle:
-        for key in handle.keys():
-            shape = tuple(handle.get_slice(key).get_shape())
-            _check_adapter_tensor(key, shape, expected, path)
+    adapter_factor_shapes(path, gpt2_config)
     return config
 
 
-def _check_adapter_tensor(key: str, shape: tuple, expected: dict, path: Path) -> None:
+def _check_adapter_tensor(key: str, shape: tuple, expected: dict, path: Path) -> tuple[str, str]:
     module, _, leaf = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
     if module not in expected or leaf not in ("A.weight", "B.weight"):
         raise ValueError(f"Adapter {str(path)!r} has tensor {key!r}, which names no LoRA projection of this "
@@ -149,3 +227,4 @@ def _check_adapter_tensor(key: str, shape: tuple, expected: dict, path: Path) ->
         want = f"(r, {d_in})" if leaf == "A.weight" else f"({d_out}, r)"
         raise ValueError(f"Adapter tensor {key!r} has shape {shape}, but this GPT-2's {module} needs {want}. "
                          "The adapter was made for another model; pass its base checkpoint with --model.")
+    return module, leaf[0]

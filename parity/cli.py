@@ -1,7 +1,16 @@
 """``python -m parity``: load one GPT-2 checkpoint into both halves, run every check, report.
 
-Exit status: 0 when every check passes, 1 when any check fails, 2 on bad input (the
-message names the problem and the fix; no traceback).
+Exit status, the project's one contract (DESIGN.md: the same in parity, the examples and the benchmarks):
+
+- 0: every check passed.
+- 1: a numerical check failed (a row of the table says which; a check that raises is a failed row).
+- 2: bad input: one line on stderr, ``python -m parity: error: ...``, naming the problem and the fix,
+  no traceback. Every input is checked before any model is loaded (:mod:`parity.validation`): flags,
+  output paths, the device, ``--model``'s config.json and weight header, ``--adapter``'s config and
+  tensors, and which modules ``--targets``/``--layers`` select at ``--rank``.
+- 3: divergence: the training check's loss went non-finite (a NaN or inf), in either half.
+
+Any other traceback is a bug in parity.
 """
 
 from __future__ import annotations
@@ -14,8 +23,23 @@ from pathlib import Path
 
 from parity.numerics import DEVICES, DTYPES
 from parity.suite import CHECKS, SuiteSettings
+from parity.validation import (
+    BadInput,
+    check_adapter,
+    check_batch_shape,
+    check_device,
+    check_lora_flags,
+    check_model,
+    check_output_paths,
+    gpt2_skeleton,
+)
 
 _LORA_FLAGS = ("targets", "rank", "alpha", "rslora", "layers")
+EXIT_CODES = """exit status:
+  0  every check passed
+  1  a numerical check failed (see the FAIL rows)
+  2  bad input: one line on stderr naming the problem and the fix; found before any model is loaded
+  3  divergence: non-finite training loss in either half"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m parity",
         description="Check that lora_torch (on transformers' GPT-2) and lora_jax (on the Flax GPT-2) agree, "
-                    "stage by stage, on one checkpoint.")
+                    "stage by stage, on one checkpoint.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="GPT-2 checkpoint directory or hub id (default: the project's embedded base)")
     parser.add_argument("--adapter", default=None,
@@ -57,7 +82,7 @@ def _targets(text: str) -> tuple[str, ...] | str:
         return text[3:]
     names = tuple(part.strip() for part in text.split(",") if part.strip())
     if not names:
-        raise ValueError(f"--targets {text!r} names no module; give e.g. c_attn,c_proj or re:.*c_attn")
+        raise BadInput(f"--targets {text!r} names no module; give e.g. c_attn,c_proj or re:.*c_attn")
     return names
 
 
@@ -65,23 +90,23 @@ def _layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise ValueError(f"--layers {text!r} must be comma-separated layer indices, e.g. 0,2") from None
+        raise BadInput(f"--layers {text!r} must be comma-separated layer indices, e.g. 0,2") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
     """The :class:`SuiteSettings` an argument namespace asks for.
 
     Raises:
-        ValueError: Conflicting or malformed flags (e.g. ``--adapter`` with ``--rank``, ``--section``
-            without ``--markdown``).
+        BadInput: Conflicting or malformed flags (e.g. ``--adapter`` with ``--rank``, ``--section``
+            without ``--markdown``, ``--rank 0``).
     """
     if args.section is not None and args.markdown is None:
-        raise ValueError(f"--section {args.section} replaces a section of a Markdown page; add --markdown PAGE.md.")
+        raise BadInput(f"--section {args.section} replaces a section of a Markdown page; add --markdown PAGE.md.")
     if args.adapter is not None:
         given = [f"--{flag}" for flag in _LORA_FLAGS if getattr(args, flag) is not None]
         if given:
-            raise ValueError(f"--adapter takes targets, rank, alpha, rsLoRA and layers from its adapter_config.json; "
-                             f"drop {', '.join(given)}.")
+            raise BadInput(f"--adapter takes targets, rank, alpha, rsLoRA and layers from its adapter_config.json; "
+                           f"drop {', '.join(given)}.")
     lora = {}
     if args.targets is not None:
         lora["targets"] = _targets(args.targets)
@@ -94,11 +119,36 @@ def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
     if args.layers is not None:
         lora["layers_to_transform"] = _layers(args.layers)
     checks = tuple(part.strip() for part in args.checks.split(",") if part.strip())
-    settings = SuiteSettings(adapter=args.adapter, steps=args.steps, batch_size=args.batch_size,
-                             seq_len=args.seq_len, seed=args.seed, checks=checks, **lora)
-    if args.adapter is None:
-        settings.lora_config()  # LoraConfig validates rank, alpha, targets, layers now, before any loading
+    # SuiteSettings and LoraConfig validate steps, checks, rank, alpha, targets and layers as they are built.
+    try:
+        settings = SuiteSettings(adapter=args.adapter, steps=args.steps, batch_size=args.batch_size,
+                                 seq_len=args.seq_len, seed=args.seed, checks=checks, **lora)
+        if args.adapter is None:
+            settings.lora_config()
+    except (ValueError, TypeError) as error:
+        raise BadInput(str(error)) from error
     return settings
+
+
+def validate_inputs(args: argparse.Namespace, settings: SuiteSettings) -> Path:
+    """Checks every input before any model is loaded; returns the checkpoint directory.
+
+    Raises:
+        BadInput: Unwritable outputs, a missing GPU, a bad checkpoint or adapter, batch flags that do not
+            fit the model, or LoRA flags that select nothing adaptable (see :mod:`parity.validation`).
+    """
+    check_output_paths(json=args.json, markdown=args.markdown, section=args.section, dump=args.dump)
+    check_batch_shape(batch_size=settings.batch_size, seq_len=settings.seq_len, seed=settings.seed)
+    check_device(args.device)
+    model_dir, gpt2_config = check_model(args.model)
+    check_batch_shape(batch_size=settings.batch_size, seq_len=settings.seq_len, seed=settings.seed,
+                      n_positions=gpt2_config["n_positions"], model_dir=model_dir)
+    skeleton = gpt2_skeleton(model_dir)
+    if settings.adapter is not None:
+        check_adapter(settings.adapter, gpt2_config, skeleton)
+    else:
+        check_lora_flags(settings.lora_config(), gpt2_config, skeleton)
+    return model_dir
 
 
 def _write_outputs(args: argparse.Namespace, report) -> None:
@@ -122,32 +172,40 @@ def _write_outputs(args: argparse.Namespace, report) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0 pass, 1 a check failed, 2 bad input)."""
+    """Runs the CLI; returns the exit status (0 pass, 1 a check failed, 2 bad input, 3 divergence)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = "python -m parity " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
         settings = settings_from_args(args)
-        pair = _load(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as error:
-        print(f"python -m parity: error: {error}", file=sys.stderr)
+        model_dir = validate_inputs(args, settings)
+    except BadInput as error:  # only the validation layer raises it; other errors keep their traceback
+        print(f"python -m parity: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return 2
+    from parity.pair import load_pair
     from parity.report import render_table
     from parity.suite import run_suite
 
+    pair = load_pair(model_dir, device=args.device, dtype=args.dtype)
     report = run_suite(pair, settings, command=command)
     print(render_table(report), end="")
     _write_outputs(args, report)
+    diverged = _non_finite_losses(report.arrays)
+    if diverged:
+        print(f"python -m parity: diverged: non-finite training loss in {', '.join(diverged)} (see the training "
+              "rows); check the checkpoint and adapter for NaN/inf weights.", file=sys.stderr)
+        return 3
     return 0 if report.passed else 1
 
 
-def _load(args: argparse.Namespace):
-    from parity.checkpoint import read_gpt2_config, resolve_checkpoint, validate_adapter
-    from parity.numerics import resolve_device
-    from parity.pair import load_pair
+def _non_finite_losses(arrays: dict) -> list[str]:
+    """Names of the loss trajectories (``*_losses``) that hold a NaN or inf.
 
-    resolve_device(args.device)  # a missing GPU is reported before the (slow) model loading
-    model_dir = resolve_checkpoint(args.model)
-    if args.adapter is not None:
-        validate_adapter(args.adapter, read_gpt2_config(model_dir))
-    return load_pair(model_dir, device=args.device, dtype=args.dtype)
+    >>> import numpy as np
+    >>> _non_finite_losses({"jax_losses": np.array([2.0, np.nan]), "torch_losses": np.ones(2), "x": np.array([np.inf])})
+    ['jax_losses']
+    """
+    import numpy as np
+
+    return sorted(name for name, values in arrays.items()
+                  if name.endswith("_losses") and not np.all(np.isfinite(np.asarray(values, dtype=np.float64))))

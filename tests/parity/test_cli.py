@@ -92,3 +92,29 @@ def test_cli_unknown_device_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--device", "tpu"])
     assert exit_info.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_help_epilog_lists_every_exit_status():
+    from parity.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "exit status:" in text
+    for line in ("0  every check passed", "1  a numerical check failed", "2  bad input: one line on stderr",
+                 "3  divergence: non-finite training loss"):
+        assert line in text
+
+
+def test_non_finite_training_loss_exits_3(tiny_gpt2_dir, monkeypatch, capsys):
+    import types
+
+    import parity.pair
+    import parity.report
+    import parity.suite
+
+    report = types.SimpleNamespace(passed=False, settings={}, arrays={
+        "torch_losses": np.array([4.6, np.nan], np.float32), "jax_losses": np.array([4.6, 4.5], np.float32)})
+    monkeypatch.setattr(parity.pair, "load_pair", lambda *args, **kwargs: object())
+    monkeypatch.setattr(parity.suite, "run_suite", lambda *args, **kwargs: report)
+    monkeypatch.setattr(parity.report, "render_table", lambda report: "")
+    assert main(["--model", str(tiny_gpt2_dir), "--checks", "training"]) == 3
+    assert "diverged: non-finite training loss in torch_losses" in capsys.readouterr().err
