@@ -8,9 +8,11 @@ adapters saved by PEFT load here. Layout (shared/DESIGN.md):
 - the config carries ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``target_modules``,
   ``use_rslora``, ``layers_to_transform``, ``fan_in_fan_out`` and PEFT's other LoRA keys.
 
-Saving writes each file to a temporary name in the same directory and ``os.replace``s it, so
-a crash never leaves a half-written file. Loading validates every key, shape and config field
-against the params before it returns anything.
+Saving replaces the whole directory in one atomic step (``lora_format.adapter_dir``): a crash or
+a concurrent save leaves the previous adapter or the new one, never a mix, and the weights record
+the sha256 of their config, which loading checks. Loading reads both files from one save, then
+validates every key, shape, dtype, value and config field against the params before it returns
+anything.
 
 Example:
     >>> import tempfile, numpy as np
@@ -32,24 +34,32 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import safetensors
+import safetensors.flax
 import safetensors.numpy
 
 from lora_format.peft_fields import read_adapter_config
+from lora_format.adapter_dir import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    encode_config,
+    read_adapter_files,
+    save_adapter_dir,
+    weights_metadata,
+)
 from lora_jax.adapter import Adapter, checked_modules
-from lora_jax.atomic_files import atomic_write, atomic_write_text
 from lora_jax.config import LoraConfig
 from lora_jax.lora_tree import LORA_A, LORA_B, ModulePath, nest
 from lora_jax.targets import dotted_name, target_kernel_shapes
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = CONFIG_NAME
+WEIGHTS_FILE = WEIGHTS_NAME
 KEY_PREFIX = "base_model.model."
 _SUFFIXES = {LORA_A: ".lora_A.weight", LORA_B: ".lora_B.weight"}
 
@@ -114,30 +124,34 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = True,
 ) -> None:
-    """Writes a PEFT adapter directory for ``adapter`` (created if missing; files replaced atomically).
+    """Writes a PEFT adapter directory for ``adapter``, replacing any previous one in one atomic step.
 
     Args:
-        out_dir: Directory to write ``adapter_config.json`` and ``adapter_model.safetensors`` in.
+        out_dir: The adapter directory (created if missing). An existing one must hold only an
+            adapter (PEFT's README.md is kept); it is replaced whole.
         adapter: The ``Adapter``; its config is what ``adapter_config.json`` records.
         base_model_name_or_path: Recorded for PEFT (e.g. ``"gpt2"`` or a checkpoint path).
         fan_in_fan_out: See ``adapter_config_dict``.
 
     Raises:
         TypeError: ``adapter`` is not an ``Adapter``.
-        ValueError: The adapter is empty or its shapes disagree with its rank.
+        ValueError: The adapter is empty, its shapes disagree with its rank, or ``out_dir`` holds
+            files that are not an adapter's. Raised before anything is written.
     """
     tensors = peft_state_dict(adapter)
     if not tensors:
         raise ValueError("The adapter has no LoRA modules; there is nothing to save.")
-    config = adapter.config
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # PEFT itself writes {"format": "pt"}; loaders that check the metadata expect it.
-    atomic_write(out / WEIGHTS_FILE, lambda temp: safetensors.numpy.save_file(tensors, temp, metadata={"format": "pt"}))
     meta = adapter_config_dict(
-        config, base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=fan_in_fan_out
+        adapter.config, base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=fan_in_fan_out
     )
-    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    config_bytes = encode_config(meta)
+
+    def write_files(new: Path) -> None:
+        # PEFT itself writes {"format": "pt"}; the config digest ties these weights to their config.
+        safetensors.numpy.save_file(tensors, str(new / WEIGHTS_FILE), metadata=weights_metadata(config_bytes))
+        (new / CONFIG_FILE).write_bytes(config_bytes)
+
+    save_adapter_dir(out_dir, write_files)
 
 
 def config_from_adapter_dict(meta: Mapping[str, Any], source: str = CONFIG_FILE) -> LoraConfig:
@@ -169,12 +183,9 @@ def config_from_adapter_dict(meta: Mapping[str, Any], source: str = CONFIG_FILE)
         raise ValueError(f"{source}: {err}") from err
 
 
-def _read_config(directory: Path) -> LoraConfig:
-    file = directory / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"No {CONFIG_FILE} in {directory}; is this a PEFT adapter directory?")
+def _parse_config(config_bytes: bytes, file: Path) -> LoraConfig:
     try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
+        meta = json.loads(config_bytes.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON ({err}); the adapter is damaged.") from None
     if not isinstance(meta, dict):
@@ -187,24 +198,22 @@ def _read_config(directory: Path) -> LoraConfig:
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes, read from the safetensors header only; non-float tensors are refused."""
-    if not file.is_file():
-        raise FileNotFoundError(f"No {WEIGHTS_FILE} at {file}; is this a PEFT adapter directory?")
+def _read_header(data: bytes, file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors header alone; non-float tensors are refused."""
     try:
-        with safetensors.safe_open(str(file), framework="numpy") as handle:
-            slices = {key: handle.get_slice(key) for key in handle.keys()}
-            shapes = {key: tuple(piece.get_shape()) for key, piece in slices.items()}
-            dtypes = {key: piece.get_dtype() for key, piece in slices.items()}
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated.") from None
-    not_float = sorted(f"{key} ({dtype})" for key, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + size].decode("utf-8"))
+        entries = {key: (str(info["dtype"]), tuple(int(d) for d in info["shape"]))
+                   for key, info in header.items() if key != "__metadata__"}
+    except Exception as err:  # a damaged header can fail in many ways; all mean the same to the user
+        raise ValueError(f"{file} is not a readable safetensors file ({err!r}); it may be truncated.") from None
+    not_float = sorted(f"{key} ({dtype})" for key, (dtype, _) in entries.items() if dtype not in FLOAT_DTYPES)
     if not_float:
         raise ValueError(
             f"{file} holds non-float tensors: {not_float[:4]}. LoRA weights are floating point "
             f"({', '.join(FLOAT_DTYPES)}); the file is not a LoRA adapter or was written wrongly."
         )
-    return shapes
+    return {key: shape for key, (_, shape) in entries.items()}
 
 
 def check_finite(tensors: Mapping[str, Any], source: str) -> None:
@@ -268,18 +277,24 @@ def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any], *, a
             NaN or infinity, a shape does not fit ``params``, or the config uses an unsupported
             PEFT feature. Names, shapes, dtypes and the config are checked before any tensor is read.
     """
-    directory = Path(adapter_dir)
-    config = _read_config(directory)
-    shapes = _read_header(directory / WEIGHTS_FILE)
+    files = read_adapter_files(adapter_dir)
+    directory = files.directory
+    weights_file = directory / files.weights_name
+    if files.weights_name != WEIGHTS_FILE:
+        raise ValueError(
+            f"{weights_file} is a pickle; lora_jax never unpickles. Convert it to {WEIGHTS_FILE} with PEFT "
+            "(load it and save_pretrained(..., safe_serialization=True)), or load it with lora_torch."
+        )
+    config = _parse_config(files.config, directory / CONFIG_FILE)
+    shapes = _read_header(files.weights, weights_file)
     _check_keys_and_shapes(shapes, params, config)
     try:
         # The flax framework reads bf16/fp16 adapters too (numpy has no bfloat16).
-        with safetensors.safe_open(str(directory / WEIGHTS_FILE), framework="flax") as handle:
-            tensors = {key: handle.get_tensor(key) for key in shapes}
+        tensors = safetensors.flax.load(files.weights)
     except Exception as err:
-        raise ValueError(f"{directory / WEIGHTS_FILE} could not be read ({err}); it may be truncated.") from None
+        raise ValueError(f"{weights_file} could not be read ({err}); it may be truncated.") from None
     if not allow_nonfinite:
-        check_finite(tensors, str(directory / WEIGHTS_FILE))
+        check_finite(tensors, str(weights_file))
     entries: dict[ModulePath, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         path, which = _module_of(key)

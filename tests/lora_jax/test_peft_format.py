@@ -145,17 +145,36 @@ def test_truncated_file_is_refused(gpt2, saved):
         load_adapter(saved, gpt2[1])
 
 
-def test_unsupported_peft_features_are_refused(gpt2, saved):
+def edit_config(saved, **changes):
+    """Rewrites the config by hand, and the weights as PEFT writes them (no digest of our config)."""
     meta = json.loads((saved / CONFIG_FILE).read_text())
-    (saved / CONFIG_FILE).write_text(json.dumps({**meta, "use_dora": True, "rank_pattern": {"c_attn": 4}}))
+    (saved / CONFIG_FILE).write_text(json.dumps({**meta, **changes}))
+    tensors = safetensors.numpy.load_file(saved / WEIGHTS_FILE)
+    safetensors.numpy.save_file(tensors, saved / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+def test_a_config_from_another_save_is_refused(gpt2, saved):
+    # The weights record the digest of their config: new weights beside an old config (a torn
+    # save, or a hand edit) are refused instead of loading with the wrong scaling.
+    meta = json.loads((saved / CONFIG_FILE).read_text())
+    (saved / CONFIG_FILE).write_text(json.dumps({**meta, "lora_alpha": 4.0}))
+    with pytest.raises(ValueError, match="different saves"):
+        load_adapter(saved, gpt2[1])
+
+
+def test_unsupported_peft_features_are_refused(gpt2, saved):
+    edit_config(saved, use_dora=True, rank_pattern={"c_attn": 4})
     # lora_format.peft_fields lists every refused field, one line each, in the table's order.
     with pytest.raises(ValueError, match=r"adapter_config\.json uses PEFT features(.|\n)*rank_pattern=(.|\n)*use_dora=True"):
         load_adapter(saved, gpt2[1])
 
 
 def test_missing_directory(gpt2, tmp_path):
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist; expected an adapter directory"):
         load_adapter(tmp_path / "nowhere", gpt2[1])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        load_adapter(tmp_path / "empty", gpt2[1])
 
 
 def test_full_names_escape_layers_to_transform_as_in_peft(gpt2, tiny_gpt2_dir):

@@ -12,8 +12,8 @@ The old save renamed the weights and then the config: a kill between the two lef
 beside the old config, which loaded with the wrong alpha. Two processes racing 300 saves each
 mixed 103 of 1,997 reads.
 
-``writer_script(kind)`` returns the child's code; a ``lora_jax`` writer is one more entry in
-``WRITER_SETUP`` and ``READERS``.
+``writer_script(kind)`` returns the child's code; each half (``lora_torch``, ``lora_jax``) is one
+entry in ``WRITER_SETUP`` and ``READERS``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,19 @@ def save(i, target):
             if ".lora." in name:
                 param.fill_(i + 1.0)
     save_adapter(model, target, base_model_name_or_path=f"save-{i}")
+""",
+    # Numpy weights: the writer never starts a JAX backend, so forking the zygote stays safe.
+    "lora_jax": """
+import numpy as np
+from lora_jax import Adapter, LoraConfig
+from lora_jax.peft_format import save_adapter
+
+CONFIGS = [LoraConfig(rank=2, alpha=alpha, target_modules=["0", "1"]) for alpha in (8.0, 16.0)]
+
+def save(i, target):
+    weights = {name: {"lora_A": np.full((8, 2), i + 1.0, np.float32), "lora_B": np.full((2, 8), i + 1.0, np.float32)}
+               for name in ("0", "1")}
+    save_adapter(target, Adapter(weights, CONFIGS[i % 2]), base_model_name_or_path=f"save-{i}")
 """,
 }
 
@@ -151,7 +164,22 @@ def _read_torch(target: Path) -> int:
     return index
 
 
-READERS = {"lora_torch": _read_torch}
+def _read_jax(target: Path) -> int:
+    """``lora_jax.load_adapter`` of ``target``; the save index it holds, or an error unless it is one whole adapter."""
+    import numpy as np
+
+    from lora_jax.peft_format import load_adapter
+
+    params = {name: {"kernel": np.zeros((8, 8), np.float32)} for name in ("0", "1")}
+    adapter = load_adapter(target, params)
+    values = np.unique(np.concatenate([np.ravel(x) for x in adapter.modules()[("0",)] + adapter.modules()[("1",)]]))
+    alpha = adapter.config.alpha
+    if len(values) != 1 or alpha != (8.0 if int(values[0] - 1) % 2 == 0 else 16.0):
+        raise AssertionError(f"lora_jax.load_adapter({target}) mixes saves: tensor values {values}, alpha {alpha}")
+    return int(values[0] - 1)
+
+
+READERS = {"lora_torch": _read_torch, "lora_jax": _read_jax}
 
 
 class Zygote:
