@@ -17,6 +17,7 @@ Exit codes: 0 done, 2 bad settings, 3 the merged model's greedy tokens differ fr
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import math
 import sys
@@ -182,6 +183,7 @@ def check_sizes(model: GPT2LMHeadModel, train_ids: torch.Tensor, heldout_ids: to
 def main(argv: list[str] | None = None) -> int:
     """Runs the whole flow; returns the process exit code."""
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # show what lora_torch reports (the injected modules)
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = False  # the merge check compares fp32 greedy tokens
     model_name = resolve_model(args.model)
