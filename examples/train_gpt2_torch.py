@@ -17,8 +17,8 @@ Exit codes: 0 done, 2 bad settings, 3 the merged model's greedy tokens differ fr
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import math
 import sys
 from pathlib import Path
