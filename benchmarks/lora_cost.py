@@ -6,7 +6,7 @@ FLOPs and ``compiled.memory_analysis()`` the buffer sizes XLA planned.
 
 Steps compared (GPT-2 small, float32, AdamW):
 
-- ``lora``: ``make_train_step``; gradient of the LoRA tree only.
+- ``lora``: ``make_train_step(lm_loss(model), tx)``; gradient of the ``Adapter`` only.
 - ``lora_combined``: one combined tree, gradient of all of it, frozen through
   ``lora_optimizer`` (``optax.partition`` + ``set_to_zero``).
 - ``full``: gradient of every parameter and AdamW on all of them.
@@ -37,21 +37,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_jax.adapter import Adapter
 from lora_jax.atomic_files import atomic_write_text
 from lora_jax.config import LoraConfig
 from lora_jax.counting import count_params, lora_param_count
 from lora_jax.gpt2.model import GPT2, GPT2Config, gpt2_small
 from lora_jax.initialize import init_lora
-from lora_jax.training.losses import gpt2_lm_loss, next_token_loss
 from lora_jax.partition import combine, split
+from lora_jax.training.losses import Batch, lm_loss
 from lora_jax.training.step import lora_optimizer, make_combined_train_step, make_train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 
-def abstract_batch(batch: int, seq: int) -> dict[str, jax.ShapeDtypeStruct]:
-    return {"input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32)}
+def abstract_batch(batch: int, seq: int) -> Batch:
+    return Batch(jax.ShapeDtypeStruct((batch, seq), jnp.int32))
 
 
 def abstract_params(gpt: GPT2Config) -> Any:
@@ -82,24 +83,24 @@ def compiled_stats(compiled: Any) -> dict[str, float]:
 
 
 def lora_step_stats(gpt: GPT2Config, config: LoraConfig, batch: int, seq: int) -> dict[str, float]:
-    """The preferred path: frozen params and LoRA tree as separate arguments."""
+    """The preferred path: frozen params and the adapter as separate arguments."""
     model, tx = GPT2(gpt), optax.adamw(1e-4)
     params = abstract_params(gpt)
-    lora = jax.eval_shape(lambda k: init_lora(params, config, k), jax.random.key(0))
-    opt_state = jax.eval_shape(tx.init, lora)
+    adapter = jax.eval_shape(lambda k: init_lora(params, config, k), jax.random.key(0))
+    opt_state = jax.eval_shape(tx.init, adapter)
     rng = abstract_key()
-    step = make_train_step(gpt2_lm_loss(model, config), tx)
-    return compiled_stats(step.lower(lora, opt_state, params, abstract_batch(batch, seq), rng).compile())
+    step = make_train_step(lm_loss(model), tx)
+    return compiled_stats(step.lower(adapter, opt_state, params, abstract_batch(batch, seq), rng).compile())
 
 
 def combined_step_stats(gpt: GPT2Config, config: LoraConfig, batch: int, seq: int) -> dict[str, float]:
     """One combined tree, frozen with ``lora_optimizer``."""
     model, tx = GPT2(gpt), optax.adamw(1e-4)
-    inner = gpt2_lm_loss(model, config)
+    inner = lm_loss(model)
 
     def loss_fn(full, batch, rng):
-        frozen, lora = split(full)
-        return inner(lora, frozen, batch, rng)
+        frozen, weights = split(full)
+        return inner(Adapter(weights, config), frozen, batch, rng)
 
     params = abstract_params(gpt)
     full = jax.eval_shape(lambda k: combine(params, init_lora(params, config, k)), jax.random.key(0))
@@ -112,12 +113,10 @@ def combined_step_stats(gpt: GPT2Config, config: LoraConfig, batch: int, seq: in
 def full_step_stats(gpt: GPT2Config, batch: int, seq: int) -> dict[str, float]:
     """Full fine-tuning: gradient of every parameter (tied wte included), AdamW on all."""
     model, tx = GPT2(gpt), optax.adamw(1e-4)
+    base_loss = lm_loss(model)  # with adapter None: the base model's next-token loss
 
     def step(params, opt_state, batch):
-        def loss_fn(p):
-            return next_token_loss(model.apply({"params": p}, batch["input_ids"]), batch["input_ids"])
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        loss, grads = jax.value_and_grad(lambda p: base_loss(None, p, batch, None))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

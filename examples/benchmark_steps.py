@@ -107,6 +107,7 @@ def _jax_setup(w: Workload, remat: bool = False):
     import jax
     import jax.numpy as jnp
 
+    from lora_jax import Batch
     from lora_jax.gpt2.model import GPT2, GPT2Config
 
     config = GPT2Config(vocab_size=w.vocab, n_positions=w.n_positions, n_embd=w.n_embd, n_layer=w.n_layer,
@@ -114,7 +115,7 @@ def _jax_setup(w: Workload, remat: bool = False):
     dtype = jnp.dtype(w.dtype)
     model = GPT2(config, dtype=dtype, param_dtype=dtype, remat=remat)
     ids = jax.random.randint(jax.random.key(1), (w.batch, w.seq), 0, w.vocab)
-    return config, model, {"input_ids": ids}
+    return config, model, Batch(ids)
 
 
 def _jax_step_fns(w: Workload, training: str, chunked: bool, remat: bool = False):
@@ -123,21 +124,21 @@ def _jax_step_fns(w: Workload, training: str, chunked: bool, remat: bool = False
     import jax
     import optax
 
-    from lora_jax import LoraConfig, gpt2_lm_loss, init_lora, make_train_step
-    from lora_jax.training.chunked_loss import chunked_next_token_loss, gpt2_chunked_lm_loss
+    from lora_jax import LoraConfig, init_lora, lm_loss, make_train_step
     from lora_jax.gpt2.model import init_gpt2_params
+    from lora_jax.training.chunked_loss import chunked_next_token_loss
 
     config, model, batch = _jax_setup(w, remat)
     tx = optax.adamw(LR)
     lora_config = LoraConfig(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
     if training == "full":
+        # lm_loss(chunk_size=...) keeps the tied embedding frozen; full fine-tuning differentiates it.
         def loss_fn(params, _unused, batch, _rng):
-            hidden = model.apply({"params": params}, batch["input_ids"], method="hidden")
-            return chunked_next_token_loss(hidden, params["transformer"]["wte"]["embedding"], batch["input_ids"],
+            hidden = model.apply({"params": params}, batch.input_ids, method="hidden")
+            return chunked_next_token_loss(hidden, params["transformer"]["wte"]["embedding"], batch.input_ids,
                                            chunk_size=w.chunk_size, embedding_grad=True)
     else:
-        loss_fn = (gpt2_chunked_lm_loss(model, lora_config, chunk_size=w.chunk_size) if chunked
-                   else gpt2_lm_loss(model, lora_config))
+        loss_fn = lm_loss(model, chunk_size=w.chunk_size if chunked else None)
     step = make_train_step(loss_fn, tx, donate=True)
 
     def init_state(abstract: bool = False):
@@ -146,8 +147,8 @@ def _jax_step_fns(w: Workload, training: str, chunked: bool, remat: bool = False
         make = jax.eval_shape if abstract else (lambda f, *a: f(*a))
         if training == "full":
             return params, make(tx.init, params), None
-        lora = make(lambda p: init_lora(p, lora_config, jax.random.key(2)), params)
-        return lora, make(tx.init, lora), params
+        adapter = make(lambda p: init_lora(p, lora_config, jax.random.key(2)), params)
+        return adapter, make(tx.init, adapter), params
 
     return step, init_state, batch
 

@@ -3,8 +3,10 @@
 Every implementation trains the same GPT-2 shape (random init, no download) on the same batch,
 with LoRA rank 16 (alpha 32) on ``c_attn``, ``c_proj`` and ``c_fc`` and AdamW:
 
-- ``jax_lora``: ``lora_jax`` with the chunked, gradient-fused LM-head loss, jitted, donated buffers.
-- ``jax_lora_logits``: the same with the plain full-logits loss (shows what the chunked head buys).
+- ``jax_lora``: ``lora_jax`` with ``lm_loss(model, chunk_size=128)`` (``--chunk-size``), the
+  chunked, gradient-fused LM-head loss; jitted, donated buffers.
+- ``jax_lora_logits``: the same with ``lm_loss(model)``, the plain full-logits loss (shows what the
+  chunked head buys).
 - ``torch_lora`` / ``torch_lora_compile``: ``lora_torch`` on transformers' GPT-2, eager / torch.compile.
 - ``peft`` / ``peft_compile``: PEFT on the same model, eager / torch.compile.
 - ``jax_full`` / ``torch_full``: full fine-tuning, the reference cost.

@@ -47,8 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from lora_jax import LoraConfig, init_lora, make_train_step  # noqa: E402
-from lora_jax.training.chunked_loss import gpt2_chunked_lm_loss  # noqa: E402
+from lora_jax import Batch, LoraConfig, init_lora, lm_loss, make_train_step  # noqa: E402
 from lora_jax.gpt2.model import GPT2, gpt2_xl, init_gpt2_params  # noqa: E402
 from lora_jax.training.sharding import make_mesh, shard_train_step, train_shardings  # noqa: E402
 from lora_torch.tensor_files import atomic_destination  # noqa: E402
@@ -71,14 +70,15 @@ def step_memory(spec: str, args: argparse.Namespace, devices: list) -> dict:
     lora_config = LoraConfig(rank=16, alpha=32.0, target_modules=TARGETS)
     tx = optax.adamw(1e-4)
     frozen = jax.eval_shape(lambda k: init_gpt2_params(config, k, param_dtype=jnp.bfloat16), jax.random.key(0))
-    lora = jax.eval_shape(lambda p: init_lora(p, lora_config, jax.random.key(1)), frozen)
-    opt_state = jax.eval_shape(tx.init, lora)
+    adapter = jax.eval_shape(lambda p: init_lora(p, lora_config, jax.random.key(1)), frozen)
+    opt_state = jax.eval_shape(tx.init, adapter)
     mesh = make_mesh(spec, devices)
-    sh = train_shardings(frozen, lora, opt_state, mesh)
-    batch = {"input_ids": jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32, sharding=sh.batch)}
-    step = shard_train_step(make_train_step(gpt2_chunked_lm_loss(model, lora_config), tx), frozen, lora, opt_state, mesh)
+    sh = train_shardings(frozen, adapter, opt_state, mesh)
+    batch = Batch(jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32, sharding=sh.batch))
+    loss_fn = lm_loss(model, chunk_size=128)  # the chunked LM head, 128 tokens per chunk
+    step = shard_train_step(make_train_step(loss_fn, tx), frozen, adapter, opt_state, mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(_with_shardings(lora, sh.lora), _with_shardings(opt_state, sh.opt_state),
+    compiled = step.lower(_with_shardings(adapter, sh.lora), _with_shardings(opt_state, sh.opt_state),
                           _with_shardings(frozen, sh.frozen), batch,
                           jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)).compile()
     row = {"mesh": spec, "devices": mesh.size, "compile_s": time.perf_counter() - t0}

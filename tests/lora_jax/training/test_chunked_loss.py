@@ -118,37 +118,34 @@ def test_bad_input_raises_clear_error(kwargs, error, fragment):
 
 
 def test_gpt2_chunked_loss_matches_full_logits_loss_and_lora_gradient(tiny_gpt2_dir):
-    from lora_jax import LoraConfig, gpt2_lm_loss, init_lora
-    from lora_jax.training.chunked_loss import gpt2_chunked_lm_loss
+    from lora_jax import Batch, LoraConfig, init_lora, lm_loss
     from lora_jax.gpt2.loading import load_gpt2
     from lora_jax.gpt2.model import GPT2
 
     gpt_config, params = load_gpt2(tiny_gpt2_dir)
     config = LoraConfig(rank=4, alpha=8.0, target_modules=["c_attn", "c_proj", "c_fc"])
-    lora = init_lora(params, config, jax.random.key(0))
+    adapter = init_lora(params, config, jax.random.key(0))
     # Non-zero B, so the gradient of A is non-zero too.
-    lora = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.1 * jax.random.normal(jax.random.key(len(p)), x.shape) if "lora_B" in str(p[-1]) else x, lora)
+    adapter = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.1 * jax.random.normal(jax.random.key(len(p)), x.shape) if "lora_B" in str(p[-1]) else x,
+        adapter)
     ids = jax.random.randint(jax.random.key(1), (2, 9), 0, gpt_config.vocab_size)
-    batch = {"input_ids": ids, "mask": jnp.ones((2, 9)).at[0, 7:].set(0.0)}
+    batch = Batch(ids, jnp.ones((2, 9)).at[0, 7:].set(0.0))
     model = GPT2(gpt_config)
     with jax.default_matmul_precision("highest"):
-        ref, ref_grad = jax.jit(jax.value_and_grad(gpt2_lm_loss(model, config)))(lora, params, batch, None)
-        got, grad = jax.jit(jax.value_and_grad(gpt2_chunked_lm_loss(model, config, chunk_size=5)))(
-            lora, params, batch, None)
+        ref, ref_grad = jax.jit(jax.value_and_grad(lm_loss(model)))(adapter, params, batch, None)
+        got, grad = jax.jit(jax.value_and_grad(lm_loss(model, chunk_size=5)))(adapter, params, batch, None)
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
     for g, r in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
         # gradients pass through 2 layers of float32 backprop: a little more rounding than the head alone
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
-    assert float(jnp.abs(grad["transformer"]["h"]["0"]["attn"]["c_attn"]["lora_A"]).max()) > 0.0
+    assert float(jnp.abs(grad.weights["transformer"]["h"]["0"]["attn"]["c_attn"]["lora_A"]).max()) > 0.0
 
 
-def test_gpt2_chunked_loss_rejects_a_batch_without_input_ids():
-    from lora_jax import LoraConfig
-    from lora_jax.training.chunked_loss import gpt2_chunked_lm_loss
+def test_gpt2_chunked_loss_rejects_a_dict_batch():
+    from lora_jax import lm_loss
     from lora_jax.gpt2.model import GPT2, GPT2Config
 
-    loss_fn = gpt2_chunked_lm_loss(GPT2(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)),
-                                   LoraConfig(rank=2, target_modules=["c_attn"]))
-    with pytest.raises(TypeError, match=r"batch must be a dict with 'input_ids'.*got dict with keys \['ids'\]"):
-        loss_fn({}, {}, {"ids": jnp.zeros((1, 3), jnp.int32)}, None)
+    loss_fn = lm_loss(GPT2(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)), chunk_size=4)
+    with pytest.raises(TypeError, match=r"batch must be a lora_jax\.Batch.*got dict; wrap it as lora_jax\.Batch\(\*\*batch\)"):
+        loss_fn(None, {}, {"input_ids": jnp.zeros((1, 3), jnp.int32)}, None)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from lora_jax import LoraConfig, init_lora
+from lora_jax import Adapter, LoraConfig, init_lora
 from lora_jax.gpt2.model import gpt2_small, init_gpt2_params
 from lora_jax.training.sharding import (
     leaf_partition_spec,
@@ -66,15 +66,17 @@ def test_leaf_rule_picks_largest_divisible_dim():
 def _gpt2_small_shapes():
     params = jax.eval_shape(lambda k: init_gpt2_params(gpt2_small(), k), jax.random.key(0))  # no 124M allocation
     config = LoraConfig(rank=16, alpha=32.0, target_modules=TARGETS)
-    lora = jax.eval_shape(lambda p: init_lora(p, config, jax.random.key(1)), params)
-    return params, lora
+    adapter = jax.eval_shape(lambda p: init_lora(p, config, jax.random.key(1)), params)
+    return params, adapter
 
 
 def test_gpt2_small_specs_shard_kernels_and_lora_consistently():
-    params, lora = _gpt2_small_shapes()
+    params, adapter = _gpt2_small_shapes()
     specs = param_partition_specs(params, fsdp_size=2)
-    lora_specs = lora_partition_specs(lora, params, fsdp_size=2)
-    block, lora_block = specs["transformer"]["h"]["3"], lora_specs["transformer"]["h"]["3"]
+    lora_specs = lora_partition_specs(adapter, params, fsdp_size=2)
+    # The specs of an Adapter are an Adapter of the same config, so they line up with it as a pytree.
+    assert isinstance(lora_specs, Adapter) and lora_specs.config is adapter.config
+    block, lora_block = specs["transformer"]["h"]["3"], lora_specs.weights["transformer"]["h"]["3"]
     assert tuple(specs["transformer"]["wte"]["embedding"]) == (None, "fsdp")
     assert tuple(block["attn"]["c_attn"]["bias"]) == ()
     assert tuple(block["attn"]["c_attn"]["kernel"]) == (None, "fsdp")
@@ -89,29 +91,29 @@ def test_gpt2_small_specs_shard_kernels_and_lora_consistently():
 
 
 def test_lora_specs_reject_a_tree_from_other_params():
-    params, lora = _gpt2_small_shapes()
+    params, adapter = _gpt2_small_shapes()
     del params["transformer"]["h"]["11"]
     with pytest.raises(ValueError, match=r"'transformer\.h\.11\.attn\.c_attn' has no kernel"):
-        lora_partition_specs(lora, params, fsdp_size=2)
+        lora_partition_specs(adapter, params, fsdp_size=2)
 
 
 # ---------------------------------------------------------------- 8 simulated devices, in a child
 
 
-def _nonzero_b(lora):
+def _nonzero_b(adapter):
     # With B = 0 the gradient of A is zero and half of the comparison would be vacuous.
-    leaves = jax.tree_util.tree_leaves_with_path(lora)
+    leaves = jax.tree_util.tree_leaves_with_path(adapter)
     keys = jax.random.split(jax.random.key(7), len(leaves))
     new = [0.1 * jax.random.normal(k, x.shape) if "lora_B" in str(p[-1]) else x for (p, x), k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(lora), new)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(adapter), new)
 
 
-def _train(step, lora, opt_state, frozen, batch):
+def _train(step, adapter, opt_state, frozen, batch):
     losses = []
     for i in range(STEPS):
-        lora, opt_state, metrics = step(lora, opt_state, frozen, batch, jax.random.key(i))
+        adapter, opt_state, metrics = step(adapter, opt_state, frozen, batch, jax.random.key(i))
         losses.append(float(metrics["loss"]))
-    return lora, opt_state, losses
+    return adapter, opt_state, losses
 
 
 def _max_abs_diff(a, b) -> float:
@@ -122,8 +124,7 @@ def _max_abs_diff(a, b) -> float:
 def _worker(model_dir: str) -> dict:
     import optax
 
-    from lora_jax import gpt2_lm_loss, make_train_step
-    from lora_jax.training.chunked_loss import gpt2_chunked_lm_loss
+    from lora_jax import Batch, lm_loss, make_train_step
     from lora_jax.gpt2.loading import load_gpt2
     from lora_jax.gpt2.model import GPT2
     from lora_jax.training.sharding import place_train_state, shard_batch, shard_train_step
@@ -131,21 +132,21 @@ def _worker(model_dir: str) -> dict:
     jax.config.update("jax_default_matmul_precision", "highest")
     gpt_config, frozen = load_gpt2(model_dir)
     config = LoraConfig(rank=4, alpha=8.0, target_modules=TARGETS)
-    lora = _nonzero_b(init_lora(frozen, config, jax.random.key(0)))
+    adapter = _nonzero_b(init_lora(frozen, config, jax.random.key(0)))
     tx = optax.adamw(1e-2)
     model = GPT2(gpt_config)
     steps = {
-        "full": make_train_step(gpt2_lm_loss(model, config), tx, donate=False),
-        "chunked": make_train_step(gpt2_chunked_lm_loss(model, config, chunk_size=32), tx, donate=False),
+        "full": make_train_step(lm_loss(model), tx, donate=False),
+        "chunked": make_train_step(lm_loss(model, chunk_size=32), tx, donate=False),
     }
     ids = jax.random.randint(jax.random.key(1), (8, 16), 0, gpt_config.vocab_size)
-    batch = {"input_ids": ids, "mask": np.ones((8, 16), np.float32)}
-    ref_lora, _, ref_losses = _train(steps["full"], lora, tx.init(lora), frozen, batch)
+    batch = Batch(ids, np.ones((8, 16), np.float32))
+    ref_adapter, _, ref_losses = _train(steps["full"], adapter, tx.init(adapter), frozen, batch)
     out = {"device_count": jax.device_count(), "single": ref_losses}
     for name in MESHES:
         spec, _, loss_kind = name.partition(" ")
         mesh = make_mesh(spec)
-        placed = place_train_state(frozen, lora, tx.init(lora), mesh)
+        placed = place_train_state(frozen, adapter, tx.init(adapter), mesh)
         traces = []  # appended to each time jit traces the step, i.e. on each cache miss
 
         def counted(*args, inner=steps[loss_kind or "full"], traces=traces):
@@ -153,20 +154,22 @@ def _worker(model_dir: str) -> dict:
             return inner(*args)
 
         step = shard_train_step(counted, *placed, mesh, donate=False)
-        new_lora, new_opt, losses = _train(step, placed[1], placed[2], placed[0], shard_batch(batch, mesh))
-        block = lambda tree: tree["transformer"]["h"]["0"]  # noqa: E731
+        new_adapter, new_opt, losses = _train(step, placed[1], placed[2], placed[0], shard_batch(batch, mesh))
+        block = lambda tree: (tree.weights if isinstance(tree, Adapter) else tree)["transformer"]["h"]["0"]  # noqa: E731
         out[name] = {
             "losses": losses,
-            "lora_max_abs_diff": _max_abs_diff(new_lora, ref_lora),
+            "lora_max_abs_diff": _max_abs_diff(new_adapter, ref_adapter),
+            "adapter_after": type(new_adapter).__name__,
+            "config_kept": new_adapter.config is config and new_opt[0].mu.config is config,
             "lora_B_spec_before": list(block(placed[1])["attn"]["c_attn"]["lora_B"].sharding.spec),
-            "lora_B_spec_after": list(block(new_lora)["attn"]["c_attn"]["lora_B"].sharding.spec),
+            "lora_B_spec_after": list(block(new_adapter)["attn"]["c_attn"]["lora_B"].sharding.spec),
             "adam_mu_B_spec": list(block(new_opt[0].mu)["attn"]["c_attn"]["lora_B"].sharding.spec),
             "compiles": len(traces),
             "kernel_shard_shape": list(block(placed[0])["attn"]["c_attn"]["kernel"].addressable_shards[0].data.shape),
-            "batch_shard_rows": shard_batch(batch, mesh)["input_ids"].addressable_shards[0].data.shape[0],
+            "batch_shard_rows": shard_batch(batch, mesh).input_ids.addressable_shards[0].data.shape[0],
         }
     try:
-        shard_batch({"input_ids": ids[:6]}, make_mesh("data=8"))
+        shard_batch(Batch(ids[:6]), make_mesh("data=8"))
     except ValueError as error:
         out["indivisible_batch_error"] = str(error)
     return out
@@ -194,6 +197,8 @@ def test_sharded_steps_match_single_device(mesh_results, name):
     np.testing.assert_allclose(got["losses"], mesh_results["single"], rtol=1e-5, atol=1e-5)
     assert got["lora_max_abs_diff"] < 1e-5
     assert mesh_results["single"][-1] < mesh_results["single"][0]  # the steps did train
+    # The sharded step returns an Adapter whose config (static pytree data) is the one it was given.
+    assert (got["adapter_after"], got["config_kept"]) == ("Adapter", True)
 
 
 @pytest.mark.parametrize("name, fsdp", [("data=8", False), ("data=4,fsdp=2 chunked", True)])
