@@ -78,7 +78,7 @@ def step_memory(spec: str, args: argparse.Namespace, devices: list) -> dict:
     loss_fn = lm_loss(model, chunk_size=128)  # the chunked LM head, 128 tokens per chunk
     step = shard_train_step(make_train_step(loss_fn, tx), frozen, adapter, opt_state, mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(_with_shardings(adapter, sh.lora), _with_shardings(opt_state, sh.opt_state),
+    compiled = step.lower(_with_shardings(adapter, sh.adapter), _with_shardings(opt_state, sh.opt_state),
                           _with_shardings(frozen, sh.frozen), batch,
                           jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)).compile()
     row = {"mesh": spec, "devices": mesh.size, "compile_s": time.perf_counter() - t0}

@@ -140,10 +140,20 @@ def lm_loss(model: Any, *, chunk_size: int | None = None) -> LossFn:
     def chunked_loss_fn(adapter: Any, frozen: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
         batch = check_batch(batch)
         hidden = forward(frozen, adapter, batch.input_ids, dropout_rng=rng, method="hidden")  # (B, T, D)
-        embedding = frozen["transformer"]["wte"]["embedding"]  # the tied head; frozen under LoRA
+        embedding = _tied_embedding(frozen)  # the tied head; frozen under LoRA
         return chunked_next_token_loss(hidden, embedding, batch.input_ids, batch.mask, chunk_size=chunk_size)
 
     return chunked_loss_fn
+
+
+def _tied_embedding(frozen: Any) -> jax.Array:
+    try:
+        return frozen["transformer"]["wte"]["embedding"]
+    except (KeyError, TypeError):
+        raise ValueError(
+            "lm_loss(chunk_size=...) reads the tied LM head at params['transformer']['wte']['embedding'], as in "
+            "lora_jax.GPT2, and these params have none; use chunk_size=None for this model."
+        ) from None
 
 
 def eval_loss(loss_fn: Callable[..., jax.Array]) -> Callable[[Any, Any, Batch], jax.Array]:

@@ -159,7 +159,7 @@ def _kernel_at(params: Any, module_path: Sequence[str]) -> Any:
     )
 
 
-def lora_partition_specs(lora: Any, params: Any, fsdp_size: int) -> Any:
+def lora_partition_specs(adapter: Any, params: Any, fsdp_size: int) -> Any:
     """Specs for the LoRA tree: ``lora_A`` keeps the kernel's in-dim split, ``lora_B`` its out-dim.
 
     Raises:
@@ -169,14 +169,16 @@ def lora_partition_specs(lora: Any, params: Any, fsdp_size: int) -> Any:
     Example:
         >>> import jax.numpy as jnp
         >>> params = {"up": {"kernel": jnp.zeros((4, 8))}}
-        >>> lora = {"up": {"lora_A": jnp.zeros((4, 2)), "lora_B": jnp.zeros((2, 8))}}
-        >>> specs = lora_partition_specs(lora, params, fsdp_size=2)["up"]
+        >>> from lora_jax.config import LoraConfig
+        >>> weights = {"up": {"lora_A": jnp.zeros((4, 2)), "lora_B": jnp.zeros((2, 8))}}
+        >>> adapter = Adapter(weights, LoraConfig(rank=2, target_modules=["up"]))
+        >>> specs = lora_partition_specs(adapter, params, fsdp_size=2).weights["up"]
         >>> tuple(specs["lora_A"]), tuple(specs["lora_B"])
         ((None, None), (None, 'fsdp'))
     """
 
-    if isinstance(lora, Adapter):  # the specs of its weights, in an Adapter of the same config
-        return Adapter(lora_partition_specs(lora.weights, params, fsdp_size), lora.config)
+    if isinstance(adapter, Adapter):  # the specs of its weights, in an Adapter of the same config
+        return Adapter(lora_partition_specs(adapter.weights, params, fsdp_size), adapter.config)
 
     def spec(path: tuple, leaf: Any) -> PartitionSpec:
         names = [_key_name(entry) for entry in path]
@@ -186,7 +188,7 @@ def lora_partition_specs(lora: Any, params: Any, fsdp_size: int) -> Any:
         in_axis, out_axis = tuple(kernel_spec) + (None,) * (2 - len(kernel_spec))
         return PartitionSpec(in_axis, None) if names[-1] == LORA_A else PartitionSpec(None, out_axis)
 
-    return jax.tree_util.tree_map_with_path(spec, lora)
+    return jax.tree_util.tree_map_with_path(spec, adapter)
 
 
 def _fsdp_size(mesh: Mesh) -> int:
@@ -206,20 +208,20 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
     return _named(mesh, param_partition_specs(params, _fsdp_size(mesh)))
 
 
-def lora_shardings(lora: Any, params: Any, mesh: Mesh) -> Any:
+def lora_shardings(adapter: Any, params: Any, mesh: Mesh) -> Any:
     """``NamedSharding`` per LoRA leaf, consistent with the base kernels in ``params``."""
-    return _named(mesh, lora_partition_specs(lora, params, _fsdp_size(mesh)))
+    return _named(mesh, lora_partition_specs(adapter, params, _fsdp_size(mesh)))
 
 
-def like_lora_shardings(tree: Any, lora: Any, lora_sh: Any, mesh: Mesh) -> Any:
+def like_lora_shardings(tree: Any, adapter: Any, adapter_sh: Any, mesh: Mesh) -> Any:
     """Shardings for a tree that embeds copies of the LoRA tree (an optax state).
 
     A leaf whose key path ends with a LoRA leaf's path and has that leaf's shape (Adam's ``mu``
     and ``nu``) gets that leaf's sharding; everything else (step counts) is replicated.
     """
     by_path = {}
-    for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(lora),
-                                      jax.tree_util.tree_leaves(lora_sh)):
+    for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(adapter),
+                                      jax.tree_util.tree_leaves(adapter_sh)):
         by_path[tuple(_key_name(e) for e in path)] = (np.shape(leaf), sharding)
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -283,47 +285,50 @@ def batch_sharded_activations(mesh: Mesh) -> Iterator[None]:
 
 
 class TrainShardings(NamedTuple):
-    """Where each argument of ``step(lora, opt_state, frozen, batch, rng)`` lives on the mesh."""
+    """Where each argument of ``step(adapter, opt_state, frozen, batch, rng)`` lives on the mesh."""
 
-    lora: Any
+    adapter: Any
     opt_state: Any
     frozen: Any
     batch: NamedSharding
     replicated: NamedSharding
 
 
-def train_shardings(frozen: Any, lora: Any, opt_state: Any, mesh: Mesh) -> TrainShardings:
+def train_shardings(frozen: Any, adapter: Any, opt_state: Any, mesh: Mesh) -> TrainShardings:
     """All shardings of a LoRA train state; ``opt_state`` may be arrays or shape structs."""
-    lora_sh = lora_shardings(lora, frozen, mesh)
+    adapter_sh = lora_shardings(adapter, frozen, mesh)
     return TrainShardings(
-        lora=lora_sh,
-        opt_state=like_lora_shardings(opt_state, lora, lora_sh, mesh),
+        adapter=adapter_sh,
+        opt_state=like_lora_shardings(opt_state, adapter, adapter_sh, mesh),
         frozen=param_shardings(frozen, mesh),
         batch=batch_sharding(mesh),
         replicated=NamedSharding(mesh, PartitionSpec()),
     )
 
 
-def place_train_state(frozen: Any, lora: Any, opt_state: Any, mesh: Mesh) -> tuple[Any, Any, Any]:
-    """Moves ``(frozen, lora, opt_state)`` onto the mesh with the shardings above.
+def place_train_state(frozen: Any, adapter: Any, opt_state: Any, mesh: Mesh) -> tuple[Any, Any, Any]:
+    """Moves ``(frozen, adapter, opt_state)`` onto the mesh with the shardings above.
 
     Example:
         >>> import jax.numpy as jnp, optax
         >>> frozen = {"up": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)}}
-        >>> lora = {"up": {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.zeros((2, 8))}}
+        >>> from lora_jax.config import LoraConfig
+        >>> weights = {"up": {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.zeros((2, 8))}}
+        >>> adapter = Adapter(weights, LoraConfig(rank=2, target_modules=["up"]))
         >>> mesh = make_mesh("data=1")
-        >>> f, l, s = place_train_state(frozen, lora, optax.adam(1e-3).init(lora), mesh)
-        >>> tuple(l["up"]["lora_B"].sharding.spec)
+        >>> f, a, s = place_train_state(frozen, adapter, optax.adam(1e-3).init(adapter), mesh)
+        >>> tuple(a.weights["up"]["lora_B"].sharding.spec)
         (None, None)
     """
-    sh = train_shardings(frozen, lora, opt_state, mesh)
-    return jax.device_put(frozen, sh.frozen), jax.device_put(lora, sh.lora), jax.device_put(opt_state, sh.opt_state)
+    sh = train_shardings(frozen, adapter, opt_state, mesh)
+    placed = jax.device_put(adapter, sh.adapter)
+    return jax.device_put(frozen, sh.frozen), placed, jax.device_put(opt_state, sh.opt_state)
 
 
 def shard_train_step(
-    step: Callable[..., Any], frozen: Any, lora: Any, opt_state: Any, mesh: Mesh, *, donate: bool = True
+    step: Callable[..., Any], frozen: Any, adapter: Any, opt_state: Any, mesh: Mesh, *, donate: bool = True
 ) -> Callable[..., Any]:
-    """Jits ``step(lora, opt_state, frozen, batch, rng)`` with every sharding pinned.
+    """Jits ``step(adapter, opt_state, frozen, batch, rng)`` with every sharding pinned.
 
     Left to itself the compiler may hand back LoRA or Adam leaves split differently from how
     they came in (it did for ``lora_A`` under FSDP), and the next call then compiles again.
@@ -333,13 +338,13 @@ def shard_train_step(
     again, inside ``batch_sharded_activations``.
 
     Args:
-        step: Returns ``(lora, opt_state, metrics)``; metrics come back replicated.
-        frozen, lora, opt_state: The state (arrays or ``jax.ShapeDtypeStruct``) whose shapes
+        step: Returns ``(adapter, opt_state, metrics)``; metrics come back replicated.
+        frozen, adapter, opt_state: The state (arrays or ``jax.ShapeDtypeStruct``) whose shapes
             fix the shardings.
         mesh: From ``make_mesh``.
-        donate: Donate ``lora`` and ``opt_state`` so they are updated in place.
+        donate: Donate ``adapter`` and ``opt_state`` so they are updated in place.
     """
-    sh = train_shardings(frozen, lora, opt_state, mesh)
+    sh = train_shardings(frozen, adapter, opt_state, mesh)
     # Trace the plain function, not a jitted wrapper whose cached trace lacks the constraints.
     plain_step = getattr(step, "__wrapped__", step)
 
@@ -349,7 +354,7 @@ def shard_train_step(
 
     return jax.jit(
         constrained_step,
-        in_shardings=(sh.lora, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
-        out_shardings=(sh.lora, sh.opt_state, sh.replicated),
+        in_shardings=(sh.adapter, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
+        out_shardings=(sh.adapter, sh.opt_state, sh.replicated),
         donate_argnums=(0, 1) if donate else (),
     )

@@ -17,14 +17,17 @@ loss. ``masked`` only skips the inner transformation (and its state) for those l
 
 Example:
     >>> import jax, jax.numpy as jnp, optax
-    >>> def loss_fn(lora, frozen, batch, rng):
-    ...     return jnp.sum((batch * frozen["w"] + lora["a"]) ** 2)
-    >>> step = make_train_step(loss_fn, optax.sgd(0.1), donate=False)
-    >>> lora, frozen = {"a": jnp.ones(2)}, {"w": jnp.ones(2)}
-    >>> opt_state = optax.sgd(0.1).init(lora)
-    >>> lora, opt_state, metrics = step(lora, opt_state, frozen, jnp.zeros(2), jax.random.key(0))
-    >>> lora["a"].tolist(), float(metrics["loss"])
-    ([0.800000011920929, 0.800000011920929], 2.0)
+    >>> from lora_jax import Adapter, LoraConfig
+    >>> def loss_fn(adapter, frozen, batch, rng):
+    ...     a, b = adapter.modules()[("w",)]
+    ...     return jnp.sum((batch @ (frozen["w"]["kernel"] + adapter.scaling(("w",)) * a @ b)) ** 2)
+    >>> frozen = {"w": {"kernel": jnp.eye(2)}}
+    >>> adapter = Adapter({"w": {"lora_A": jnp.ones((2, 1)), "lora_B": jnp.ones((1, 2))}}, LoraConfig(rank=1, alpha=1.0, target_modules=["w"]))
+    >>> step = make_train_step(loss_fn, optax.sgd(0.01), donate=False)
+    >>> opt_state = optax.sgd(0.01).init(adapter)
+    >>> adapter, opt_state, metrics = step(adapter, opt_state, frozen, jnp.ones((1, 2)), jax.random.key(0))
+    >>> float(metrics["loss"]), [round(float(x), 2) for x in adapter.weights["w"]["lora_B"][0]], adapter.config.alpha
+    (18.0, [0.88, 0.88], 1.0)
 """
 
 from __future__ import annotations
