@@ -6,6 +6,8 @@ neither. Nothing here imports a deep-learning framework; a test checks it.
 Modules:
     ``peft_fields``: the one table of ``adapter_config.json`` fields: supported, refused (with
         the reason) or ignored, and the reader that applies it.
+    ``patterns``: PEFT's ``rank_pattern`` / ``alpha_pattern`` rule (which rank and alpha each module
+        gets), tested against ``peft.utils.other.get_pattern_key``.
     ``adapter_dir``: atomic saves of a whole adapter directory, reads pinned to one save, and the
         digest that ties the config to its weights.
 """

@@ -19,6 +19,9 @@ Example:
     ...     "adapter_config.json")
     >>> fields.rank, fields.alpha, fields.target_modules
     (4, 8.0, ('c_attn',))
+    >>> read_adapter_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"],
+    ...                      "rank_pattern": {"c_fc": 6}, "alpha_pattern": {"c_fc": 3}}, "a.json").alpha_pattern
+    (('c_fc', 3.0),)
     >>> FIELDS["use_dora"].kind is Kind.REFUSED, FIELDS["use_dora"].neutral
     (True, (False, None))
 """
@@ -33,6 +36,8 @@ import re
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
 from typing import Any
+
+from lora_format.patterns import Pattern, normalise_pattern
 
 _log = logging.getLogger(__name__)
 
@@ -99,8 +104,9 @@ FIELDS: Mapping[str, FieldRule] = MappingProxyType({
         "so the adapter only fits that changed base; convert it to plain LoRA with PEFT's save_pretrained("
         "path_initial_model_for_weight_conversion=...)",
     ),
-    "rank_pattern": _refused(({}, None), "gives some modules a rank other than r"),
-    "alpha_pattern": _refused(({}, None), "gives some modules a lora_alpha other than lora_alpha"),
+    "rank_pattern": _supported("per-module ranks: the first key (a regex, see lora_format.patterns) matching a "
+                               "module gives its rank"),
+    "alpha_pattern": _supported("per-module lora_alpha values, matched like rank_pattern"),
     "megatron_config": _refused((None, {}), "builds Megatron tensor-parallel LoRA layers"),
     "megatron_core": _ignored("the Megatron module name; only read when megatron_config (refused) is set"),
     "trainable_token_indices": _refused((None, [], {}), "trains and saves selected rows of the token embedding"),
@@ -141,6 +147,9 @@ class AdapterFields:
         layers_to_transform: a tuple of layer indices, or None for every layer.
         layers_pattern: the layer-list name(s), or None.
         fan_in_fan_out: PEFT's flag for (in, out) base weights; False when absent.
+        rank_pattern: ``(regex, rank)`` pairs in the file's order; ``()`` when absent, null or ``{}``.
+            ``lora_format.patterns.module_rank_alpha`` applies them.
+        alpha_pattern: ``(regex, alpha)`` pairs in the file's order, alphas as floats.
         raw: a read-only copy of the whole dict, for fields a caller passed as ``supported``.
     """
 
@@ -152,6 +161,8 @@ class AdapterFields:
     layers_to_transform: tuple[int, ...] | None
     layers_pattern: tuple[str, ...] | str | None
     fan_in_fan_out: bool
+    rank_pattern: Pattern = ()
+    alpha_pattern: Pattern = ()
     raw: Mapping[str, Any] = dataclasses.field(compare=False, repr=False)
 
 
@@ -263,6 +274,14 @@ def _read_flag(meta: Mapping[str, Any], name: str, source: str) -> bool:
     return value
 
 
+def _patterns(meta: Mapping[str, Any], source: str) -> tuple[Pattern, Pattern]:
+    try:
+        return (normalise_pattern(meta.get("rank_pattern"), "rank_pattern", integer=True),
+                normalise_pattern(meta.get("alpha_pattern"), "alpha_pattern", integer=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
 def read_adapter_config(meta: Any, source: str, *, supported: Collection[str] = ()) -> AdapterFields:
     """Checks an ``adapter_config.json`` dict against ``FIELDS`` and returns its normalised values.
 
@@ -282,11 +301,11 @@ def read_adapter_config(meta: Any, source: str, *, supported: Collection[str] = 
 
     >>> try:
     ...     read_adapter_config({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["c_attn"],
-    ...                          "use_dora": True, "rank_pattern": {"c_attn": 4}}, "a.json")
+    ...                          "use_dora": True, "modules_to_save": ["lm_head"]}, "a.json")
     ... except ValueError as err:
     ...     for line in str(err).splitlines()[1:3]:
     ...         print(line)
-      - rank_pattern={'c_attn': 4}: gives some modules a rank other than r (plain LoRA has {} or None)
+      - modules_to_save=['lm_head']: saves whole trained copies of extra modules (e.g. a classifier head) (plain LoRA has None or [])
       - use_dora=True: DoRA rescales each output feature by a learned magnitude vector (plain LoRA has False or None)
     """
     if not isinstance(meta, Mapping):
@@ -299,6 +318,7 @@ def read_adapter_config(meta: Any, source: str, *, supported: Collection[str] = 
         _log.warning("%s: ignoring keys that are not fields of PEFT's LoraConfig: %s", source, unknown)
     _check_refused(meta, source, supported)
     rank, alpha, dropout = _read_numbers(meta, source)
+    rank_pattern, alpha_pattern = _patterns(meta, source)
     targets = _targets(_require(meta, "target_modules", source, "PEFT would pick per-architecture defaults, which "
                                 "this project does not reproduce; list the adapted modules, e.g. [\"c_attn\"]."), source)
     layers = _layers(meta.get("layers_to_transform"), source)
@@ -318,5 +338,7 @@ def read_adapter_config(meta: Any, source: str, *, supported: Collection[str] = 
         layers_to_transform=layers,
         layers_pattern=pattern,
         fan_in_fan_out=_read_flag(meta, "fan_in_fan_out", source),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
         raw=MappingProxyType(dict(meta)),
     )

@@ -7,8 +7,8 @@ is static data, so an adapter goes through ``jax.jit``, ``jax.grad``, optax and 
 any tree of arrays, and every function that needs the scale reads it from the adapter itself:
 a merge with an alpha other than the one trained with cannot happen silently.
 
-The value is built to grow: the scale is asked per module (``Adapter.scaling``), so per-module
-ranks and alphas can enter through the config; a variant's extra leaves sit beside ``lora_A``
+The scale is asked per module (``Adapter.scaling``): the config's ``rank_pattern`` and
+``alpha_pattern`` give modules their own rank and alpha, as in PEFT. The value is built to grow: a variant's extra leaves sit beside ``lora_A``
 and ``lora_B`` in the module's dict; several named adapters are a mapping of such values; the
 frozen base (plain or quantized) is never part of it.
 
@@ -24,6 +24,10 @@ Example:
     (True, 2.0)
     >>> adapter.scaling(("dense",)), list(adapter.modules())
     (2.0, [('dense',)])
+    >>> varied = LoraConfig(rank=1, alpha=2.0, target_modules=["dense"], rank_pattern={"dense": 2},
+    ...                     alpha_pattern={"dense": 8})
+    >>> Adapter({}, varied).rank(("enc", "dense")), Adapter({}, varied).scaling(("enc", "dense"))
+    (2, 4.0)
 """
 
 from __future__ import annotations
@@ -64,14 +68,16 @@ class Adapter:
         return lora_modules(self.weights)
 
     def scaling(self, path: ModulePath) -> float:
-        """The factor ``s`` of ``s * (x A) B`` for the module at ``path``."""
-        del path  # one rank and alpha for every module, today
-        return self.config.scaling
+        """The factor ``s`` of ``s * (x A) B`` for the module at ``path``, from its own rank and alpha.
+
+        ``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA), where ``config.rank_pattern`` and
+        ``config.alpha_pattern`` may give this module values other than ``config.rank`` and ``config.alpha``.
+        """
+        return self.config.module_scaling(dotted_name(path))
 
     def rank(self, path: ModulePath) -> int:
-        """The rank the config gives the module at ``path``."""
-        del path
-        return self.config.rank
+        """The rank the config gives the module at ``path`` (``config.rank_pattern``'s first match, else ``rank``)."""
+        return self.config.module_rank(dotted_name(path))
 
 
 jax.tree_util.register_dataclass(Adapter, data_fields=["weights"], meta_fields=["config"])

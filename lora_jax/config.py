@@ -10,6 +10,9 @@ Example:
     (('c_attn', 'c_proj'), 2.0)
     >>> LoraConfig(rank=4, alpha=8.0, target_modules=["c_attn"], use_rslora=True).scaling
     4.0
+    >>> varied = LoraConfig(rank=4, alpha=8.0, target_modules=["c_attn", "c_fc"], rank_pattern={"c_fc": 2})
+    >>> varied.rank_pattern, varied.module_rank("transformer.h.0.mlp.c_fc"), varied.module_scaling("h.0.mlp.c_fc")
+    ((('c_fc', 2),), 2, 4.0)
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
+
+from lora_format.patterns import Pattern, module_rank_alpha, module_scaling, normalise_pattern
 
 
 def _is_int(value: object) -> bool:
@@ -49,6 +54,12 @@ class LoraConfig:
             with a list of target modules, as in PEFT.
         layers_pattern: Optional name(s) of the layer list (``"h"`` for GPT-2) after which the
             layer index is read; needs ``layers_to_transform``. Stored as a tuple for a list.
+        rank_pattern: PEFT's per-module ranks: ``{regex: rank}``. A module takes the value of the
+            first key (in the given order) that matches its dotted name as PEFT matches it (the
+            whole name, or a tail of it starting after a dot; ``lora_format.patterns``), else
+            ``rank``. Stored as a tuple of ``(key, rank)`` pairs, so the config stays hashable.
+        alpha_pattern: PEFT's per-module alphas, matched the same way; default ``alpha``. Stored
+            as ``(key, alpha)`` pairs with float alphas.
 
     Raises:
         TypeError: A field has the wrong type.
@@ -62,6 +73,8 @@ class LoraConfig:
     use_rslora: bool = False
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | str | None = None
+    rank_pattern: Pattern = ()
+    alpha_pattern: Pattern = ()
 
     def __post_init__(self) -> None:
         _check_rank(self.rank)
@@ -80,13 +93,30 @@ class LoraConfig:
             )
         object.__setattr__(self, "layers_to_transform", layers)
         object.__setattr__(self, "layers_pattern", _normalise_pattern(self.layers_pattern, layers))
+        object.__setattr__(self, "rank_pattern", normalise_pattern(
+            self.rank_pattern, "LoraConfig.rank_pattern", integer=True))
+        object.__setattr__(self, "alpha_pattern", normalise_pattern(
+            self.alpha_pattern, "LoraConfig.alpha_pattern", integer=False))
 
     @property
     def scaling(self) -> float:
-        """The factor ``s`` of ``s * (x A) B``: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
-        if self.use_rslora:
-            return self.alpha / math.sqrt(self.rank)
-        return self.alpha / self.rank
+        """The default factor ``s`` of ``s * (x A) B``: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA.
+
+        A module a pattern matches has its own: ``module_scaling``.
+        """
+        return module_scaling(self.rank, self.alpha, self.use_rslora)
+
+    def module_rank(self, name: str) -> int:
+        """The rank of the module with dotted ``name``: ``rank_pattern``'s first match, else ``rank``."""
+        return module_rank_alpha(name, self.rank, self.alpha, self.rank_pattern, ())[0]
+
+    def module_alpha(self, name: str) -> float:
+        """The alpha of the module with dotted ``name``: ``alpha_pattern``'s first match, else ``alpha``."""
+        return module_rank_alpha(name, self.rank, self.alpha, (), self.alpha_pattern)[1]
+
+    def module_scaling(self, name: str) -> float:
+        """The scaling of the module with dotted ``name``, from its own rank and alpha."""
+        return module_scaling(self.module_rank(name), self.module_alpha(name), self.use_rslora)
 
 
 def _check_rank(rank: object) -> None:

@@ -11,6 +11,8 @@ Example:
     220
     >>> lora_param_count(params, LoraConfig(rank=2, target_modules=["a"]))
     60
+    >>> lora_param_count(params, LoraConfig(rank=2, target_modules=["a"], rank_pattern={"a": 3}))
+    90
     >>> from lora_jax.adapter import Adapter
     >>> adapter = Adapter({"a": {"lora_A": np.zeros((10, 2)), "lora_B": np.zeros((2, 20))}}, LoraConfig(rank=2, target_modules=["a"]))
     >>> count_params(adapter)
@@ -28,7 +30,7 @@ from typing import Any
 import jax
 
 from lora_jax.config import LoraConfig
-from lora_jax.targets import target_kernel_shapes
+from lora_jax.initialize import factor_shapes
 
 
 def count_params(tree: Any) -> int:
@@ -40,12 +42,12 @@ def count_params(tree: Any) -> int:
 
 
 def lora_param_count(params: Mapping[str, Any], config: LoraConfig) -> int:
-    """Trainable LoRA scalars ``sum r * (in + out)`` over the modules ``config`` targets.
+    """Trainable LoRA scalars ``sum r * (in + out)`` over the modules ``config`` targets, each at its own rank.
 
     Raises:
-        ValueError: As ``resolve_targets``.
+        ValueError: As ``lora_jax.initialize.factor_shapes``.
     """
-    return sum(config.rank * (fan_in + fan_out) for fan_in, fan_out in target_kernel_shapes(params, config).values())
+    return sum(rank * (fan_in + fan_out) for fan_in, fan_out, rank in factor_shapes(params, config).values())
 
 
 def trainable_summary(frozen: Any, adapter: Any) -> dict[str, float]:

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 
 from lora_jax.adapter import Adapter
 from lora_jax.config import LoraConfig
-from lora_jax.lora_tree import LORA_A, LORA_B, nest
-from lora_jax.targets import target_kernel_shapes
+from lora_jax.lora_tree import LORA_A, LORA_B, ModulePath, nest
+from lora_jax.targets import dotted_name, target_kernel_shapes
 
 
 def a_init_bound(fan_in: int) -> float:
@@ -41,6 +41,32 @@ def a_init_bound(fan_in: int) -> float:
     return 1.0 / math.sqrt(fan_in)
 
 
+def factor_shapes(params: Mapping[str, Any], config: LoraConfig) -> dict[ModulePath, tuple[int, int, int]]:
+    """``{path: (in, out, rank)}`` for each module ``config`` targets, with the module's own rank.
+
+    The rank is ``config.rank`` unless ``config.rank_pattern`` gives the module another one
+    (PEFT's rule, ``lora_format.patterns``); ``A`` is (in, rank) and ``B`` is (rank, out).
+
+    Raises:
+        ValueError: As ``resolve_targets``, or a module's rank exceeds ``min(in, out)``.
+
+    >>> import numpy as np
+    >>> params = {"q": {"kernel": np.zeros((8, 8))}, "v": {"kernel": np.zeros((8, 4))}}
+    >>> factor_shapes(params, LoraConfig(rank=2, target_modules=["q", "v"], rank_pattern={"v": 3}))
+    {('q',): (8, 8, 2), ('v',): (8, 4, 3)}
+    """
+    shapes = {}
+    for path, (fan_in, fan_out) in target_kernel_shapes(params, config).items():
+        rank = config.module_rank(dotted_name(path))
+        if rank > min(fan_in, fan_out):
+            raise ValueError(
+                f"rank_pattern gives module {dotted_name(path)!r} rank {rank}, more than min(in, out) = "
+                f"{min(fan_in, fan_out)} of its kernel ({fan_in}, {fan_out}); lower that pattern's rank."
+            )
+        shapes[path] = (fan_in, fan_out, rank)
+    return shapes
+
+
 def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> Adapter:
     """Creates the adapter for every module ``config`` targets in ``params``.
 
@@ -50,26 +76,27 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
     Args:
         params: A Flax params pytree; only kernel shapes are read, so ``ShapeDtypeStruct``
             leaves work under ``jax.eval_shape``.
-        config: Which modules to adapt and the rank.
+        config: Which modules to adapt, and each module's rank (``rank``, or ``rank_pattern``'s).
         key: A ``jax.random.key``.
 
     Returns:
         An ``Adapter`` carrying ``config``, whose weights are
-        ``{...path...: {"lora_A": (in, r) float32, "lora_B": (r, out) float32 zeros}}``.
+        ``{...path...: {"lora_A": (in, r) float32, "lora_B": (r, out) float32 zeros}}``, with
+        each module's own ``r``.
 
     Raises:
         TypeError: ``key`` is not a JAX key (e.g. a plain int seed).
-        ValueError: As ``resolve_targets``; raised before any array is created.
+        ValueError: As ``factor_shapes``; raised before any array is created.
     """
     if not isinstance(key, jax.Array):
         raise TypeError(f"key must be a JAX PRNG key such as jax.random.key(0), got {type(key).__name__}.")
-    shapes = target_kernel_shapes(params, config)
+    shapes = factor_shapes(params, config)
     keys = jax.random.split(key, len(shapes))
     entries = {}
-    for (path, (fan_in, fan_out)), module_key in zip(shapes.items(), keys):
+    for (path, (fan_in, fan_out, rank)), module_key in zip(shapes.items(), keys):
         bound = a_init_bound(fan_in)
         entries[path] = {
-            LORA_A: jax.random.uniform(module_key, (fan_in, config.rank), jnp.float32, -bound, bound),
-            LORA_B: jnp.zeros((config.rank, fan_out), jnp.float32),
+            LORA_A: jax.random.uniform(module_key, (fan_in, rank), jnp.float32, -bound, bound),
+            LORA_B: jnp.zeros((rank, fan_out), jnp.float32),
         }
     return Adapter(nest(entries), config)

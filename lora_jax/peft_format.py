@@ -6,7 +6,10 @@ adapters saved by PEFT load here. Layout (shared/DESIGN.md):
 - key ``base_model.model.<dotted name>.lora_A.weight`` holds ``A.T``, shape (r, in);
   ``...lora_B.weight`` holds ``B.T``, shape (out, r); float32.
 - the config carries ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``target_modules``,
-  ``use_rslora``, ``layers_to_transform``, ``fan_in_fan_out`` and PEFT's other LoRA keys.
+  ``use_rslora``, ``layers_to_transform``, ``fan_in_fan_out``, ``rank_pattern``, ``alpha_pattern``
+  and PEFT's other LoRA keys. Each module's tensors have its own rank (``rank_pattern``'s first
+  match, else ``r``); the file stores pattern keys sorted, as PEFT's does, so ``save_adapter``
+  refuses patterns whose meaning depends on their order.
 
 Saving replaces the whole directory in one atomic step (``lora_format.adapter_dir``): a crash or
 a concurrent save leaves the previous adapter or the new one, never a mix, and the weights record
@@ -44,6 +47,7 @@ import numpy as np
 import safetensors.flax
 import safetensors.numpy
 
+from lora_format.patterns import check_survives_sorting
 from lora_format.peft_fields import read_adapter_config
 from lora_format.adapter_dir import (
     CONFIG_NAME,
@@ -55,8 +59,9 @@ from lora_format.adapter_dir import (
 )
 from lora_jax.adapter import Adapter, checked_modules
 from lora_jax.config import LoraConfig
+from lora_jax.initialize import factor_shapes
 from lora_jax.lora_tree import LORA_A, LORA_B, ModulePath, nest
-from lora_jax.targets import dotted_name, target_kernel_shapes
+from lora_jax.targets import dotted_name
 
 CONFIG_FILE = CONFIG_NAME
 WEIGHTS_FILE = WEIGHTS_NAME
@@ -93,6 +98,11 @@ def adapter_config_dict(
 
     ``fan_in_fan_out`` is True for GPT-2 (its ``Conv1D`` stores (in, out) weights); it tells
     PEFT how to merge, and does not change the saved tensors.
+
+    >>> meta = adapter_config_dict(LoraConfig(rank=4, alpha=8, target_modules=["c_attn", "c_fc"],
+    ...                                       rank_pattern={"c_fc": 6}, alpha_pattern={"c_fc": 3}))
+    >>> meta["r"], meta["lora_alpha"], meta["rank_pattern"], meta["alpha_pattern"]
+    (4, 8, {'c_fc': 6}, {'c_fc': 3.0})
     """
     targets = config.target_modules
     return {
@@ -108,8 +118,8 @@ def adapter_config_dict(
         "use_dora": False,
         "layers_to_transform": None if config.layers_to_transform is None else list(config.layers_to_transform),
         "layers_pattern": list(config.layers_pattern) if isinstance(config.layers_pattern, tuple) else config.layers_pattern,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
         "modules_to_save": None,
         "init_lora_weights": True,
         "base_model_name_or_path": base_model_name_or_path,
@@ -135,12 +145,17 @@ def save_adapter(
 
     Raises:
         TypeError: ``adapter`` is not an ``Adapter``.
-        ValueError: The adapter is empty, its shapes disagree with its rank, or ``out_dir`` holds
-            files that are not an adapter's. Raised before anything is written.
+        ValueError: The adapter is empty, its shapes disagree with its ranks, its rank/alpha patterns
+            overlap so that their order matters (the file stores them sorted, see
+            ``lora_format.patterns.check_survives_sorting``), or ``out_dir`` holds files that are not an
+            adapter's. Raised before anything is written.
     """
     tensors = peft_state_dict(adapter)
     if not tensors:
         raise ValueError("The adapter has no LoRA modules; there is nothing to save.")
+    config = adapter.config
+    check_survives_sorting([dotted_name(path) for path in adapter.modules()], config.rank, config.alpha,
+                           config.rank_pattern, config.alpha_pattern)
     meta = adapter_config_dict(
         adapter.config, base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=fan_in_fan_out
     )
@@ -165,8 +180,8 @@ def config_from_adapter_dict(meta: Mapping[str, Any], source: str = CONFIG_FILE)
 
     Raises:
         ValueError: It is not a LoRA adapter, ``r``, ``lora_alpha`` or ``target_modules`` is missing
-            or invalid, or it uses a PEFT feature this library does not implement (DoRA, per-module
-            ranks, modules_to_save, bias training...).
+            or invalid, or it uses a PEFT feature this library does not implement (DoRA,
+            modules_to_save, bias training...).
     """
     fields = read_adapter_config(meta, source)
     try:
@@ -178,6 +193,8 @@ def config_from_adapter_dict(meta: Mapping[str, Any], source: str = CONFIG_FILE)
             use_rslora=fields.use_rslora,
             layers_to_transform=fields.layers_to_transform,
             layers_pattern=fields.layers_pattern,
+            rank_pattern=fields.rank_pattern,
+            alpha_pattern=fields.alpha_pattern,
         )
     except (TypeError, ValueError) as err:  # a rule LoraConfig has and the shared table lacks
         raise ValueError(f"{source}: {err}") from err
@@ -245,9 +262,9 @@ def _module_of(key: str) -> tuple[ModulePath, str] | None:
 
 def _check_keys_and_shapes(shapes: Mapping[str, tuple[int, ...]], params: Mapping[str, Any], config: LoraConfig) -> None:
     expected = {}
-    for path, (fan_in, fan_out) in target_kernel_shapes(params, config).items():
-        expected[peft_key(path, LORA_A)] = (config.rank, fan_in)
-        expected[peft_key(path, LORA_B)] = (fan_out, config.rank)
+    for path, (fan_in, fan_out, rank) in factor_shapes(params, config).items():  # each module at its own rank
+        expected[peft_key(path, LORA_A)] = (rank, fan_in)
+        expected[peft_key(path, LORA_B)] = (fan_out, rank)
     unexpected = sorted(set(shapes) - set(expected))
     missing = sorted(set(expected) - set(shapes))
     if unexpected or missing:
@@ -257,7 +274,8 @@ def _check_keys_and_shapes(shapes: Mapping[str, tuple[int, ...]], params: Mappin
         )
     wrong = [f"{key}: file {shapes[key]}, model needs {want}" for key, want in expected.items() if shapes[key] != want]
     if wrong:
-        raise ValueError(f"adapter tensor shapes do not fit these params: {wrong[:6]}. Wrong base model?")
+        raise ValueError(f"adapter tensor shapes do not fit these params: {wrong[:6]}. Wrong base model, or a "
+                         "config whose r / rank_pattern is not the one the tensors were saved with?")
 
 
 def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any], *, allow_nonfinite: bool = False) -> Adapter:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lora_format.patterns import Pattern, module_rank_alpha, normalise_pattern
 from lora_torch.layers import WRAPPER_FOR_TYPE, LoRAWrapper, check_lora_settings
 from lora_torch.targeting import (
     TargetModules,
@@ -121,6 +122,8 @@ def inject_lora(
     use_rslora: bool = False,
     layers_to_transform: int | Sequence[int] | None = None,
     layers_pattern: str | Sequence[str] | None = None,
+    rank_pattern: dict[str, int] | Pattern | None = None,
+    alpha_pattern: dict[str, float] | Pattern | None = None,
     verbose: bool = True,
 ) -> nn.Module:
     """Replaces each targeted ``nn.Linear`` / ``Conv1D`` with its LoRA wrapper, in place.
@@ -140,6 +143,11 @@ def inject_lora(
             Not allowed with a regex string: PEFT ignores it there, so put the index in the regex.
         layers_pattern: the name of the layer list (``"h"`` for GPT-2) when the default rule,
             the first ``<name>.<digits>.`` segment, picks the wrong index.
+        rank_pattern: PEFT's per-module ranks, ``{regex: rank}`` (or ``(regex, rank)`` pairs): a module
+            takes the value of the first key that matches its dotted name as PEFT matches it (the whole
+            name, or a tail after a dot, e.g. ``"h.0.attn.c_attn"`` or ``"c_fc"``), else ``rank``.
+            The rule is ``lora_format.patterns``', shared with lora_jax and tested against PEFT.
+        alpha_pattern: per-module ``lora_alpha`` values, matched the same way; default ``lora_alpha``.
         verbose: log the replaced module names at INFO level (the tutorial's report), through
             ``logging.getLogger("lora_torch.inject")``.
 
@@ -148,30 +156,41 @@ def inject_lora(
 
     Raises:
         ValueError: nothing matched (the message lists candidates), a module already has LoRA,
-            or a setting is out of range.
+            a setting is out of range, or a pattern key does not compile as a regex.
         TypeError: a matched module is neither ``nn.Linear`` nor ``Conv1D``, or ``target_modules``,
-            ``layers_to_transform`` or ``layers_pattern`` has the wrong type.
+            ``layers_to_transform``, ``layers_pattern`` or a pattern has the wrong type.
 
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> model = inject_lora(model, ["0", "2"], rank=2, lora_alpha=4.0, verbose=False)
     >>> type(model[0]).__name__, lora_module_names(model)
     ('LinearWithLoRA', ['0', '2'])
+    >>> model = inject_lora(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), ["0", "1"], rank=2, lora_alpha=4.0,
+    ...                     rank_pattern={"1": 1}, alpha_pattern={"1": 3.0}, verbose=False)
+    >>> [(w.lora.rank, w.lora.scaling) for w in lora_wrappers(model).values()]
+    [(2, 2.0), (1, 3.0)]
     """
     check_target_modules(target_modules)
     check_layers_to_transform(layers_to_transform)
     check_layers_pattern(layers_pattern)
     check_lora_settings(rank, lora_alpha, dropout)
+    rank_pattern = normalise_pattern(rank_pattern, "rank_pattern", integer=True)
+    alpha_pattern = normalise_pattern(alpha_pattern, "alpha_pattern", integer=False)
     if isinstance(target_modules, str) and layers_to_transform is not None:
         raise ValueError("layers_to_transform does not apply to a regex target_modules (PEFT ignores it there); "
                          r"put the layer index in the regex, e.g. r'.*\.h\.(0|1)\.attn\.c_attn'.")
     matched = find_target_modules(model, target_modules, layers_to_transform, layers_pattern)
     check_wrappable(matched)
-    wrappers = {name: _wrap(module, rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora)
-                for name, module in matched}
+    wrappers = {}
+    for name, module in matched:
+        module_rank, module_alpha = module_rank_alpha(name, rank, lora_alpha, rank_pattern, alpha_pattern)
+        wrappers[name] = _wrap(module, rank=module_rank, lora_alpha=module_alpha, dropout=dropout,
+                               use_rslora=use_rslora)
     for name, wrapper in wrappers.items():
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, wrapper)
     if verbose:
-        logger.info("inject_lora: replaced %d modules (rank=%d, alpha=%g): %s", len(wrappers), rank, lora_alpha,
-                    ", ".join(wrappers))
+        patterns = f", rank_pattern={dict(rank_pattern)}, alpha_pattern={dict(alpha_pattern)}" \
+            if rank_pattern or alpha_pattern else ""
+        logger.info("inject_lora: replaced %d modules (rank=%d, alpha=%g%s): %s", len(wrappers), rank, lora_alpha,
+                    patterns, ", ".join(wrappers))
     return model

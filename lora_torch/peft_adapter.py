@@ -66,7 +66,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
     weights record the sha256 of their config, which ``load_adapter`` checks.
 
     Args:
-        model: a model with LoRA injected (one rank/alpha/dropout/use_rslora for all modules).
+        model: a model with LoRA injected (one dropout/use_rslora for all modules; ranks and alphas may
+            differ per module, and are written as ``rank_pattern`` / ``alpha_pattern``).
         directory: destination directory (created if needed). It may hold a previous adapter and a
             ``README.md`` (kept); anything else is refused, since the directory is replaced whole.
         base_model_name_or_path: recorded in the config, e.g. ``"gpt2"`` or a checkpoint directory.
@@ -93,23 +94,28 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return tuple(module.weight.shape)  # Conv1D stores (in, out)
 
 
+def _same_rank_and_scaling(name: str, wrapper: LoRAWrapper, spec: AdapterSpec) -> bool:
+    rank, alpha = spec.module_rank_alpha(name)
+    return wrapper.lora.rank == rank and wrapper.lora.scaling == lora_scaling(rank, alpha, spec.use_rslora)
+
+
 def _check_compatible(model: nn.Module, existing: dict[str, LoRAWrapper], spec: AdapterSpec, source: str) -> None:
     """Raises unless the model's ``existing`` wrappers are exactly the ones ``spec`` describes."""
     selected = [name for name, _ in find_target_modules(model, spec.target_modules, spec.layers_to_transform,
                                                          spec.layers_pattern)]
     same_modules = sorted(selected) == sorted(existing)
-    want_scaling = lora_scaling(spec.rank, spec.lora_alpha, spec.use_rslora)
-    same_settings = all(w.lora.rank == spec.rank and w.lora.scaling == want_scaling for w in existing.values())
+    same_settings = all(_same_rank_and_scaling(name, wrapper, spec) for name, wrapper in existing.items())
     if not (same_modules and same_settings):
         raise ValueError(f"{source} does not match the LoRA already in the model (modules {sorted(existing)[:3]}..., "
                          f"rank/scaling of each); load it into the plain base model instead, or merge first.")
 
 
-def _expected_shapes(modules: dict[str, nn.Module], rank: int) -> dict[str, torch.Tensor]:
-    # Meta tensors carry only shapes, so checking costs no memory.
+def _expected_shapes(modules: dict[str, nn.Module], spec: AdapterSpec) -> dict[str, torch.Tensor]:
+    # Meta tensors carry only shapes, so checking costs no memory. Each module has its own rank.
     expected = {}
     for name, module in modules.items():
         in_features, out_features = _in_out(module)
+        rank, _ = spec.module_rank_alpha(name)
         key_a, key_b = peft_keys(name)
         expected[key_a] = torch.empty(rank, in_features, device="meta")
         expected[key_b] = torch.empty(out_features, rank, device="meta")
@@ -119,8 +125,9 @@ def _expected_shapes(modules: dict[str, nn.Module], rank: int) -> dict[str, torc
 def load_adapter(model: nn.Module, directory: str | os.PathLike, *, allow_nonfinite: bool = False) -> nn.Module:
     """Loads a PEFT LoRA adapter directory into ``model``; returns ``model``.
 
-    A plain model gets LoRA injected as the config says; a model that already carries exactly that
-    LoRA (same modules, rank and scaling) has its weights overwritten. Both files are read from one
+    A plain model gets LoRA injected as the config says, each module at the rank and alpha that
+    ``rank_pattern`` / ``alpha_pattern`` give it; a model that already carries exactly that LoRA (same
+    modules, and each module's rank and scaling) has its weights overwritten. Both files are read from one
     save even if another save replaces the directory meanwhile. The config, the config digest the
     weights record (if any), every tensor name, shape, dtype and value are checked before the model
     is touched, so any error leaves it unchanged.
@@ -150,11 +157,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, allow_nonfin
         matched = find_target_modules(model, spec.target_modules, spec.layers_to_transform, spec.layers_pattern)
         check_wrappable(matched)
         modules = dict(matched)
-    check_tensors_fit(_expected_shapes(modules, spec.rank), tensors, source, allow_nonfinite=allow_nonfinite)
+    check_tensors_fit(_expected_shapes(modules, spec), tensors, source, allow_nonfinite=allow_nonfinite)
     if not existing:
         inject_lora(model, spec.target_modules, spec.rank, spec.lora_alpha, dropout=spec.dropout,
                     use_rslora=spec.use_rslora, layers_to_transform=spec.layers_to_transform,
-                    layers_pattern=spec.layers_pattern, verbose=False)
+                    layers_pattern=spec.layers_pattern, rank_pattern=spec.rank_pattern,
+                    alpha_pattern=spec.alpha_pattern, verbose=False)
     with torch.no_grad():
         for name, wrapper in lora_wrappers(model).items():
             key_a, key_b = peft_keys(name)

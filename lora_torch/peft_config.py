@@ -1,17 +1,26 @@
 """PEFT's ``adapter_config.json``: build it from an injected model, and read it back strictly.
 
 Reading applies ``lora_format.peft_fields``, the table lora_jax reads with too: the PEFT features
-this package does not implement (DoRA, trained biases, per-module rank/alpha patterns, extra saved
-modules...) are refused instead of silently dropped, and a missing ``r`` or ``lora_alpha`` is an error.
+this package does not implement (DoRA, trained biases, extra saved modules...) are refused instead of
+silently dropped, and a missing ``r`` or ``lora_alpha`` is an error. ``rank_pattern`` and
+``alpha_pattern`` are read into the ``AdapterSpec``; ``lora_format.patterns`` applies them.
+
+Modules injected with different ranks or alphas are written as PEFT writes them: the most common
+rank and alpha as ``r`` and ``lora_alpha``, every other module by its full name in ``rank_pattern``
+/ ``alpha_pattern``. Each key matches exactly one adapted module, so the description does not depend
+on key order (``adapter_config.json`` stores keys sorted).
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from lora_format.patterns import Pattern, module_rank_alpha, pattern_key, resolve_modules
 from lora_format.peft_fields import read_adapter_config
 from lora_torch.inject import lora_wrappers, select_modules
 from lora_torch.layers import Conv1DWithLoRA, LoRAWrapper
@@ -29,6 +38,17 @@ class AdapterSpec:
     target_modules: TargetModules
     layers_to_transform: int | Sequence[int] | None = None
     layers_pattern: str | Sequence[str] | None = None
+    rank_pattern: Pattern = ()
+    alpha_pattern: Pattern = ()
+
+    def module_rank_alpha(self, name: str) -> tuple[int, float]:
+        """``(rank, lora_alpha)`` of the module with dotted ``name``, by PEFT's pattern rule.
+
+        >>> AdapterSpec(rank=4, lora_alpha=8, dropout=0.0, use_rslora=False, target_modules=["c_fc"],
+        ...             rank_pattern=(("c_fc", 6),)).module_rank_alpha("h.0.mlp.c_fc")
+        (6, 8.0)
+        """
+        return module_rank_alpha(name, self.rank, self.lora_alpha, self.rank_pattern, self.alpha_pattern)
 
 
 def _selected(model: nn.Module, target_modules, layers_to_transform) -> set[str]:
@@ -55,9 +75,48 @@ def describe_targets(names: Sequence[str], model: nn.Module) -> tuple[list[str],
 def _uniform(wrappers: dict[str, LoRAWrapper], attribute: str):
     values = {getattr(w.lora, attribute) for w in wrappers.values()}
     if len(values) != 1:
-        raise ValueError(f"LoRA modules use different {attribute} values {sorted(values)}; a PEFT adapter here holds "
-                         "one setting for all modules. Inject with one rank/alpha/dropout/use_rslora.")
+        raise ValueError(f"LoRA modules use different {attribute} values {sorted(values)}; PEFT's adapter_config.json "
+                         "holds one setting for all modules (only rank and alpha can vary, through rank_pattern and "
+                         "alpha_pattern). Inject with one dropout/use_rslora.")
     return values.pop()
+
+
+def exact_key(name: str, names: Sequence[str]) -> str:
+    """A ``rank_pattern`` key that matches the module ``name`` and none of the other ``names``.
+
+    The name itself reads best (PEFT's docs use full names); where it would also match another
+    module as a regex (a name that is a dotted tail of another), it is anchored and escaped.
+
+    >>> exact_key("h.0.c_fc", ["h.0.c_fc", "h.1.c_fc"]), exact_key("c_fc", ["c_fc", "x.c_fc"])
+    ('h.0.c_fc', '^c_fc')
+    """
+    others = [other for other in names if other != name]
+    if pattern_key([name], name) == name and all(pattern_key([name], other) is None for other in others):
+        return name
+    return "^" + re.escape(name)
+
+
+def _most_common(values: Sequence):
+    return Counter(values).most_common(1)[0][0]  # ties: the first module's value
+
+
+def describe_ranks(wrappers: dict[str, LoRAWrapper]) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``(r, lora_alpha, rank_pattern, alpha_pattern)`` that give each wrapper exactly its rank and alpha.
+
+    ``r`` and ``lora_alpha`` are the most common values; each other module is named by ``exact_key``.
+    """
+    names = list(wrappers)
+    actual = {name: (w.lora.rank, w.lora.lora_alpha) for name, w in wrappers.items()}
+    rank = _most_common([r for r, _ in actual.values()])
+    alpha = _most_common([a for _, a in actual.values()])
+    rank_pattern = {exact_key(name, names): r for name, (r, _) in actual.items() if r != rank}
+    alpha_pattern = {exact_key(name, names): a for name, (_, a) in actual.items() if a != alpha}
+    # The file holds the keys sorted; read back that way, the description must give every module its values.
+    resolved = resolve_modules(names, rank, alpha, tuple(sorted(rank_pattern.items())),
+                               tuple(sorted(alpha_pattern.items())))
+    if resolved != actual:  # exact_key makes the keys disjoint, so this is a bug, not bad input
+        raise RuntimeError(f"rank/alpha patterns do not reproduce the model: {resolved} != {actual}")
+    return rank, alpha, rank_pattern, alpha_pattern
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -68,18 +127,21 @@ def _task_type(model: nn.Module) -> str | None:
 def build_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
     """Returns the ``adapter_config.json`` dict that describes the LoRA injected in ``model``.
 
+    Modules with different ranks or alphas are described by ``describe_ranks``.
+
     Raises:
-        ValueError: no LoRA in the model, or modules with different rank/alpha/dropout/rsLoRA.
+        ValueError: no LoRA in the model, or modules with different dropout or rsLoRA settings.
     """
     wrappers = lora_wrappers(model)
     if not wrappers:
         raise ValueError(f"{type(model).__name__} has no LoRA modules; call inject_lora(model, ...) first.")
     target_modules, layers_to_transform = describe_targets(list(wrappers), model)
+    rank, alpha, rank_pattern, alpha_pattern = describe_ranks(wrappers)
     return {
         "peft_type": "LORA",
         "task_type": _task_type(model),
-        "r": _uniform(wrappers, "rank"),
-        "lora_alpha": _uniform(wrappers, "lora_alpha"),
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": _uniform(wrappers, "dropout_p"),
         "use_rslora": _uniform(wrappers, "use_rslora"),
         "target_modules": target_modules,
@@ -89,8 +151,8 @@ def build_adapter_config(model: nn.Module, base_model_name_or_path: str | None =
         "fan_in_fan_out": any(isinstance(w, Conv1DWithLoRA) for w in wrappers.values()),
         "bias": "none",
         "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "modules_to_save": None,
         "init_lora_weights": True,
         "base_model_name_or_path": base_model_name_or_path,
@@ -121,4 +183,6 @@ def parse_adapter_config(config: dict, source: str) -> AdapterSpec:
         target_modules=fields.target_modules,
         layers_to_transform=fields.layers_to_transform,
         layers_pattern=fields.layers_pattern,
+        rank_pattern=fields.rank_pattern,
+        alpha_pattern=fields.alpha_pattern,
     )

@@ -37,8 +37,6 @@ SAMPLES = {
     "bias": "lora_only",
     "modules_to_save": ["lm_head"],
     "init_lora_weights": "pissa",
-    "rank_pattern": {"c_attn": 8},
-    "alpha_pattern": {"c_attn": 32},
     "megatron_config": {"tensor_model_parallel_size": 2},
     "trainable_token_indices": [1, 2],
     "use_dora": True,
@@ -74,6 +72,8 @@ ACCEPTED_CHANGES = {
     "layers_to_transform": {"layers_to_transform": 1},
     "layers_pattern": {"layers_pattern": ["h"], "layers_to_transform": [0, 1]},
     "fan_in_fan_out": {"fan_in_fan_out": True},
+    "rank_pattern": {"rank_pattern": {"h.0.attn.c_attn": 2, "c_attn": 8}},
+    "alpha_pattern": {"alpha_pattern": {"c_attn": 32, "h.1.attn.c_attn": 3.5}},
     "megatron_core": {"megatron_core": "megatron.core"},
     "loftq_config": {"loftq_config": {"loftq_bits": 4, "loftq_iter": 1}},
     "eva_config": {"eva_config": {"rho": 2.0}},
@@ -96,9 +96,9 @@ def _read_both(meta: dict) -> tuple[tuple, tuple]:
     config = config_from_adapter_dict(meta, "f.json")
     return (
         (spec.rank, spec.lora_alpha, spec.dropout, spec.use_rslora, spec.target_modules, spec.layers_to_transform,
-         spec.layers_pattern),
+         spec.layers_pattern, spec.rank_pattern, spec.alpha_pattern),
         (config.rank, config.alpha, config.dropout, config.use_rslora, config.target_modules,
-         config.layers_to_transform, config.layers_pattern),
+         config.layers_to_transform, config.layers_pattern, config.rank_pattern, config.alpha_pattern),
     )
 
 
@@ -132,7 +132,7 @@ def test_a_config_saved_by_peft_is_read_without_warnings(tmp_path, caplog):
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     with caplog.at_level(logging.WARNING, logger="lora_format.peft_fields"):
         torch_view, jax_view = _read_both(meta)
-    assert torch_view == jax_view == (4, 8.0, 0.0, False, ("c_attn",), None, None)
+    assert torch_view == jax_view == (4, 8.0, 0.0, False, ("c_attn",), None, None, (), ())
     assert caplog.records == []
 
 
@@ -143,13 +143,13 @@ def test_both_halves_refuse_a_refused_field(name, value):
 
 
 def test_all_refused_fields_are_listed_in_one_error():
-    meta = {**BASE, "use_dora": True, "rank_pattern": {"c_attn": 8}, "alora_invocation_tokens": [1, 2]}
+    meta = {**BASE, "use_dora": True, "modules_to_save": ["lm_head"], "alora_invocation_tokens": [1, 2]}
     with pytest.raises(ValueError) as caught:
         read_adapter_config(meta, "f.json")
     message = str(caught.value)
     assert message.startswith("f.json uses PEFT features")
     assert [line.split("=")[0].strip(" -") for line in message.splitlines() if line.startswith("  - ")] == [
-        "rank_pattern", "use_dora", "alora_invocation_tokens"]
+        "modules_to_save", "use_dora", "alora_invocation_tokens"]
     assert "peft.PeftModel.from_pretrained" in message
 
 
@@ -191,6 +191,10 @@ def test_a_missing_required_field_names_the_file_and_the_field(name, absent):
     ("use_rslora", "yes"), ("use_rslora", None), ("fan_in_fan_out", 1),
     ("target_modules", []), ("target_modules", "all-linear"), ("target_modules", "(c_attn"), ("target_modules", [""]),
     ("layers_to_transform", [-1]), ("layers_to_transform", [True]), ("layers_pattern", 7),
+    ("rank_pattern", {"c_attn": 0}), ("rank_pattern", {"c_attn": 2.0}), ("rank_pattern", {"c_attn": True}),
+    ("rank_pattern", {"(c_attn": 2}), ("rank_pattern", ["c_attn"]), ("rank_pattern", "c_attn"),
+    ("alpha_pattern", {"c_attn": float("inf")}), ("alpha_pattern", {"c_attn": -1}), ("alpha_pattern", {"c_attn": "8"}),
+    ("alpha_pattern", {"": 8}), ("alpha_pattern", {"(?i)c_attn": 8}),
     ("peft_type", "IA3"), ("peft_type", None),
 ])
 def test_both_halves_refuse_a_bad_value(name, value):
@@ -241,8 +245,24 @@ def test_normalised_values():
     assert type(fields.alpha) is float
 
 
+@pytest.mark.parametrize("absent", [None, {}])
+def test_an_empty_pattern_is_no_pattern(absent):
+    torch_view, jax_view = _read_both({**BASE, "rank_pattern": absent, "alpha_pattern": absent})
+    assert torch_view == jax_view == _read_both(BASE)[0]
+
+
+def test_patterns_keep_the_files_key_order():
+    # The first matching key wins, so the order is part of the value (json.loads keeps the file's order).
+    meta = json.loads('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], '
+                      '"rank_pattern": {"h.0.attn.c_attn": 2, "c_attn": 5}, "alpha_pattern": {"c_attn": 3}}')
+    fields = read_adapter_config(meta, "f.json")
+    assert fields.rank_pattern == (("h.0.attn.c_attn", 2), ("c_attn", 5))
+    assert fields.alpha_pattern == (("c_attn", 3.0),) and type(fields.alpha_pattern[0][1]) is float
+    assert hash(fields.rank_pattern) == hash((("h.0.attn.c_attn", 2), ("c_attn", 5)))
+
+
 def test_importing_the_table_imports_no_framework():
-    code = ("import sys, lora_format.peft_fields; "
+    code = ("import sys, lora_format.peft_fields, lora_format.patterns; "
             "print([m for m in ('torch', 'jax', 'flax', 'numpy') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -58,3 +58,23 @@ def test_checked_modules_refuses_bare_trees_and_wrong_ranks(adapter):
         checked_modules(CONFIG)
     with pytest.raises(ValueError, match="'head' has A \\(16, 2\\) and B \\(2, 5\\), but its config says rank 4"):
         checked_modules(Adapter({"head": adapter.weights["head"]}, LoraConfig(rank=4, target_modules=["head"])))
+
+
+PATTERNED = LoraConfig(rank=2, alpha=6.0, target_modules=["query", "head"], rank_pattern={"layers.1.query": 3},
+                       alpha_pattern={"head": 1.5})
+
+
+def test_rank_and_scaling_are_per_module_with_patterns():
+    adapter = init_lora(init_encoder(Encoder()), PATTERNED, jax.random.key(0))
+    got = {".".join(path): (a.shape[1], b.shape[0], adapter.rank(path), adapter.scaling(path))
+           for path, (a, b) in adapter.modules().items()}
+    assert got == {"encoder.layers.0.query": (2, 2, 2, 3.0), "encoder.layers.1.query": (3, 3, 3, 2.0),
+                   "head": (2, 2, 2, 0.75)}
+
+
+def test_a_module_whose_shape_disagrees_with_its_pattern_rank_is_refused():
+    adapter = init_lora(init_encoder(Encoder()), PATTERNED, jax.random.key(0))
+    uniform = Adapter(adapter.weights, LoraConfig(rank=2, alpha=6.0, target_modules=["query", "head"]))
+    with pytest.raises(ValueError, match=r"LoRA module 'encoder\.layers\.1\.query' has A \(\d+, 3\) and B \(3, \d+\), but its "
+                                         r"config says rank 2"):
+        checked_modules(uniform)

@@ -79,3 +79,42 @@ def test_config_is_a_static_jit_argument():
     config = LoraConfig(rank=2, alpha=6.0, target_modules=["q"])
     scaled = jax.jit(lambda c: c.scaling * 1.0, static_argnums=0)
     assert float(scaled(config)) == 3.0
+
+
+def test_patterns_become_hashable_pairs_in_order():
+    config = LoraConfig(rank=4, alpha=8, target_modules=["c_attn", "c_fc"],
+                        rank_pattern={"h.0.attn.c_attn": 2, "c_attn": 5}, alpha_pattern={"c_fc": 3})
+    assert config.rank_pattern == (("h.0.attn.c_attn", 2), ("c_attn", 5))
+    assert config.alpha_pattern == (("c_fc", 3.0),)
+    same = LoraConfig(rank=4, alpha=8, target_modules=("c_attn", "c_fc"),
+                      rank_pattern=(("h.0.attn.c_attn", 2), ("c_attn", 5)), alpha_pattern=[("c_fc", 3.0)])
+    assert config == same and hash(config) == hash(same)
+    assert config != dataclasses.replace(config, rank_pattern={"c_attn": 5, "h.0.attn.c_attn": 2})  # order matters
+    assert LoraConfig(target_modules=["q"], rank_pattern=None).rank_pattern == ()
+
+
+def test_module_rank_alpha_and_scaling_follow_the_first_matching_key():
+    config = LoraConfig(rank=4, alpha=8, target_modules=["c_attn", "c_fc", "c_proj"],
+                        rank_pattern={"h.0.attn.c_attn": 2, "c_fc": 6}, alpha_pattern={"mlp.c_proj": 3})
+    got = {name: (config.module_rank(name), config.module_alpha(name), config.module_scaling(name)) for name in (
+        "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn", "transformer.h.0.mlp.c_fc",
+        "transformer.h.1.mlp.c_proj")}
+    assert got == {"transformer.h.0.attn.c_attn": (2, 8.0, 4.0), "transformer.h.1.attn.c_attn": (4, 8.0, 2.0),
+                   "transformer.h.0.mlp.c_fc": (6, 8.0, 8 / 6), "transformer.h.1.mlp.c_proj": (4, 3.0, 0.75)}
+    rs = dataclasses.replace(config, use_rslora=True)
+    assert rs.module_scaling("transformer.h.0.mlp.c_fc") == pytest.approx(8 / math.sqrt(6), rel=1e-15)
+    assert config.scaling == 2.0  # the default modules' scaling
+
+
+@pytest.mark.parametrize(("field", "value", "error", "match"), [
+    ("rank_pattern", {"c_attn": 0}, ValueError, r"LoraConfig\.rank_pattern\['c_attn'\] must be a positive int"),
+    ("rank_pattern", {"c_attn": 2.5}, ValueError, "positive int rank"),
+    ("rank_pattern", {"(c_attn": 2}, ValueError, "does not compile"),
+    ("rank_pattern", "c_attn", TypeError, r"LoraConfig\.rank_pattern must be a dict"),
+    ("rank_pattern", {"": 2}, TypeError, "keys must be non-empty strings"),
+    ("alpha_pattern", {"c_attn": float("nan")}, ValueError, r"LoraConfig\.alpha_pattern\['c_attn'\] must be a finite"),
+    ("alpha_pattern", [("c_attn", 2), ("c_attn", 3)], ValueError, "repeats the keys"),
+])
+def test_bad_patterns_are_refused_at_construction(field, value, error, match):
+    with pytest.raises(error, match=match):
+        LoraConfig(target_modules=["c_attn"], **{field: value})

@@ -33,3 +33,19 @@ def test_summary_ratio():
     frozen = {"w": {"kernel": np.zeros((100, 100))}}
     summary = trainable_summary(frozen, {"w": {"lora_A": np.zeros((100, 1)), "lora_B": np.zeros((1, 100))}})
     assert summary == {"trainable": 200, "total": 10_200, "ratio": 200 / 10_200}
+
+
+def test_gpt2_small_count_with_rank_pattern(gpt2_small_shapes):
+    # c_attn at r=8 except layer 0 at r=2: 11 * 8 * (768 + 2304) + 2 * (768 + 2304); c_fc at r=4: 12 * 4 * (768 + 3072).
+    config = LoraConfig(rank=8, target_modules=["c_attn", "c_fc"], rank_pattern={"h.0.attn.c_attn": 2, "c_fc": 4})
+    expected = 11 * 8 * 3072 + 2 * 3072 + 12 * 4 * 3840
+    assert expected == 460_800
+    assert lora_param_count(gpt2_small_shapes, config) == expected
+    shapes = jax.eval_shape(lambda k: init_lora(gpt2_small_shapes, config, k), jax.random.key(0))
+    assert count_params(shapes) == expected
+
+
+def test_a_pattern_rank_beyond_the_kernel_is_refused():
+    params = {"q": {"kernel": np.zeros((8, 8))}, "v": {"kernel": np.zeros((8, 4))}}
+    with pytest.raises(ValueError, match=r"rank_pattern gives module 'v' rank 5, more than min\(in, out\) = 4"):
+        lora_param_count(params, LoraConfig(rank=2, target_modules=["q", "v"], rank_pattern={"v": 5}))

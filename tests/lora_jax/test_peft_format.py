@@ -1,5 +1,6 @@
 """PEFT adapter directories, checked against the real peft + transformers on a saved tiny GPT-2."""
 
+import dataclasses
 import json
 
 import jax
@@ -163,9 +164,9 @@ def test_a_config_from_another_save_is_refused(gpt2, saved):
 
 
 def test_unsupported_peft_features_are_refused(gpt2, saved):
-    edit_config(saved, use_dora=True, rank_pattern={"c_attn": 4})
+    edit_config(saved, use_dora=True, modules_to_save=["lm_head"])
     # lora_format.peft_fields lists every refused field, one line each, in the table's order.
-    with pytest.raises(ValueError, match=r"adapter_config\.json uses PEFT features(.|\n)*rank_pattern=(.|\n)*use_dora=True"):
+    with pytest.raises(ValueError, match=r"adapter_config\.json uses PEFT features(.|\n)*modules_to_save=(.|\n)*use_dora=True"):
         load_adapter(saved, gpt2[1])
 
 
@@ -209,3 +210,44 @@ def test_nonfinite_values_are_refused_unless_allowed(gpt2, saved):
         load_adapter(saved, gpt2[1])
     loaded = load_adapter(saved, gpt2[1], allow_nonfinite=True)
     assert int(np.isnan(np.asarray(loaded.weights["transformer"]["h"]["1"]["attn"]["c_attn"]["lora_B"])).sum()) == 1
+
+
+PATTERNED = LoraConfig(rank=4, alpha=8.0, target_modules=TARGETS, rank_pattern={"h.0.attn.c_attn": 2, "c_fc": 6},
+                       alpha_pattern={"mlp.c_proj": 3})
+
+
+def test_patterns_are_written_and_read_back(gpt2, tmp_path):
+    _, params = gpt2
+    adapter = with_random_b(init_lora(params, PATTERNED, jax.random.key(0)))
+    save_adapter(tmp_path, adapter)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert (meta["r"], meta["lora_alpha"], meta["rank_pattern"], meta["alpha_pattern"]) == (
+        4, 8.0, {"c_fc": 6, "h.0.attn.c_attn": 2}, {"mlp.c_proj": 3.0})
+    tensors = safetensors.numpy.load_file(tmp_path / WEIGHTS_FILE)
+    stem = "base_model.model.transformer.h"
+    assert [tensors[f"{stem}.{name}.lora_A.weight"].shape for name in ("0.attn.c_attn", "1.attn.c_attn", "0.mlp.c_fc",
+                                                                      "1.mlp.c_proj")] == [(2, 32), (4, 32), (6, 32),
+                                                                                           (4, 128)]
+    back = load_adapter(tmp_path, params)
+    # The file holds the keys sorted (as PEFT's does); these keys are disjoint, so the meaning is the same.
+    assert back.config == dataclasses.replace(PATTERNED, rank_pattern={"c_fc": 6, "h.0.attn.c_attn": 2})
+    assert {p: (back.rank(p), back.scaling(p)) for p in back.modules()} == {
+        p: (adapter.rank(p), adapter.scaling(p)) for p in adapter.modules()}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back.weights, adapter.weights)
+
+
+def test_patterns_whose_order_matters_are_not_saved(gpt2, tmp_path):
+    _, params = gpt2
+    config = LoraConfig(rank=4, target_modules=["c_attn"], rank_pattern={"h.0.attn.c_attn": 2, "c_attn": 5})
+    adapter = init_lora(params, config, jax.random.key(0))
+    assert [adapter.rank(p) for p in adapter.modules()] == [2, 5]
+    with pytest.raises(ValueError, match=r"stores them sorted .* would give transformer\.h\.0\.attn\.c_attn rank 5"):
+        save_adapter(tmp_path / "out", adapter)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_pattern_that_does_not_fit_the_tensors_is_refused(gpt2, saved):
+    edit_config(saved, rank_pattern={"h.1.attn.c_attn": 3})  # saved at rank 2 everywhere
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.attn\.c_attn\.lora_A\.weight: file \(2, 32\), model "
+                                         r"needs \(3, 32\).*r / rank_pattern"):
+        load_adapter(saved, gpt2[1])

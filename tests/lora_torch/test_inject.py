@@ -16,6 +16,7 @@ from lora_torch import (
     freeze_base_model,
     inject_lora,
     lora_module_names,
+    lora_wrappers,
     print_trainable_parameters,
 )
 
@@ -131,6 +132,10 @@ def test_second_injection_into_other_modules_is_allowed(tiny_model):
     ({"target_modules": ".*c_attn", "layers_to_transform": [0]}, ValueError, "regex"),
     ({"target_modules": 3}, TypeError, "target_modules"),
     ({"layers_to_transform": [0], "layers_pattern": ["h", 0]}, TypeError, "layers_pattern must be None"),
+    ({"rank_pattern": {"c_attn": 0}}, ValueError, r"rank_pattern\['c_attn'\] must be a positive int rank, got 0"),
+    ({"rank_pattern": {"(c_attn": 2}}, ValueError, r"rank_pattern key '\(c_attn' is read as a regex"),
+    ({"alpha_pattern": {"c_attn": float("inf")}}, ValueError, r"alpha_pattern\['c_attn'\] must be a finite number"),
+    ({"alpha_pattern": ["c_attn"]}, TypeError, "alpha_pattern must be a dict"),
 ])
 def test_bad_arguments(tiny_model, kwargs, error, message):
     kwargs = {"target_modules": ["c_attn"], **kwargs}
@@ -146,3 +151,23 @@ def test_plain_linear_model():
     # "0" is the exact name of the first layer and the "." suffix of "2.0", as PEFT would match it.
     assert lora_module_names(model) == ["0", "2.0"]
     assert type(model[2][1]) is nn.Linear
+
+
+def test_rank_and_alpha_patterns_give_each_module_its_own(tiny_model, caplog):
+    with caplog.at_level(logging.INFO, logger="lora_torch.inject"):
+        inject_lora(tiny_model, ["c_attn", "c_proj", "c_fc"], rank=4, lora_alpha=8.0,
+                    rank_pattern={"h.0.attn.c_attn": 2, "c_fc": 6}, alpha_pattern={"mlp.c_proj": 3})
+    got = {name.removeprefix("transformer.h."): (w.lora.rank, w.lora.lora_alpha, w.lora.scaling, tuple(w.lora.lora_A.shape))
+           for name, w in lora_wrappers(tiny_model).items()}
+    assert got == {
+        "0.attn.c_attn": (2, 8.0, 4.0, (32, 2)), "0.attn.c_proj": (4, 8.0, 2.0, (32, 4)),
+        "0.mlp.c_fc": (6, 8.0, 8 / 6, (32, 6)), "0.mlp.c_proj": (4, 3.0, 0.75, (128, 4)),
+        "1.attn.c_attn": (4, 8.0, 2.0, (32, 4)), "1.attn.c_proj": (4, 8.0, 2.0, (32, 4)),
+        "1.mlp.c_fc": (6, 8.0, 8 / 6, (32, 6)), "1.mlp.c_proj": (4, 3.0, 0.75, (128, 4)),
+    }
+    assert "rank_pattern={'h.0.attn.c_attn': 2, 'c_fc': 6}, alpha_pattern={'mlp.c_proj': 3.0}" in caplog.text
+
+
+def test_the_first_matching_pattern_key_wins(tiny_model):
+    inject_lora(tiny_model, ["c_attn"], rank=4, rank_pattern={"h.0.attn.c_attn": 2, "c_attn": 5}, verbose=False)
+    assert [w.lora.rank for w in lora_wrappers(tiny_model).values()] == [2, 5]

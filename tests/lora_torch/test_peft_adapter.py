@@ -163,12 +163,13 @@ def test_incompatible_existing_lora_is_refused(adapter_dir, tiny_gpt2_dir, snaps
     assert_same_state(model, before)
 
 
-def test_save_without_lora_and_mixed_ranks_raise(tiny_model, tmp_path):
+def test_save_without_lora_and_mixed_rslora_raise(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="inject_lora"):
         save_adapter(tiny_model, tmp_path)
     inject_lora(tiny_model, ["c_attn"], rank=2, verbose=False)
-    inject_lora(tiny_model, ["c_fc"], rank=4, verbose=False)
-    with pytest.raises(ValueError, match="different rank"):
+    inject_lora(tiny_model, ["c_fc"], rank=4, use_rslora=True, verbose=False)
+    # Ranks and alphas may differ (rank_pattern / alpha_pattern); PEFT has one use_rslora for all modules.
+    with pytest.raises(ValueError, match=r"different use_rslora values \[False, True\]"):
         save_adapter(tiny_model, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -309,3 +310,59 @@ def test_concurrent_saves_and_loads_never_mix(tmp_path):
     assert (errors, mixes) == ([], [])
     assert len(reads) >= 10 and set(reads) <= {8.0, 16.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def _peft_ranks(model) -> dict[str, tuple[int, float]]:
+    return {name.removeprefix("base_model.model."): (module.r["default"], module.scaling["default"])
+            for name, module in model.named_modules() if isinstance(module, peft.tuners.lora.LoraLayer)}
+
+
+def test_mixed_ranks_and_alphas_are_saved_as_patterns_peft_reproduces(tiny_model, tiny_gpt2_dir, token_ids,
+                                                                      randomize_lora, tmp_path):
+    # Overlapping keys whose order matters in memory; the saved file names each odd module in full instead.
+    inject_lora(tiny_model, ["c_attn", "c_fc"], rank=4, lora_alpha=8.0, rank_pattern={"h.0.attn.c_attn": 2, "c_attn": 5},
+                alpha_pattern={"h.1.mlp.c_fc": 3}, verbose=False)
+    randomize_lora(tiny_model, seed=5)
+    save_adapter(tiny_model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (
+        4, 8.0, {"transformer.h.0.attn.c_attn": 2, "transformer.h.1.attn.c_attn": 5},
+        {"transformer.h.1.mlp.c_fc": 3.0})
+    theirs = peft.PeftModel.from_pretrained(_load(tiny_gpt2_dir), tmp_path).eval()
+    ours = {name: (w.lora.rank, w.lora.scaling) for name, w in lora_wrappers(tiny_model).items()}
+    assert _peft_ranks(theirs) == ours == {
+        "transformer.h.0.attn.c_attn": (2, 4.0), "transformer.h.0.mlp.c_fc": (4, 2.0),
+        "transformer.h.1.attn.c_attn": (5, 1.6), "transformer.h.1.mlp.c_fc": (4, 0.75)}
+    torch.testing.assert_close(_logits(theirs, token_ids), _logits(tiny_model, token_ids), rtol=0, atol=ATOL)
+    back = load_adapter(_load(tiny_gpt2_dir), tmp_path)
+    assert {name: (w.lora.rank, w.lora.scaling) for name, w in lora_wrappers(back).items()} == ours
+
+
+def test_a_pattern_adapter_loads_into_a_model_with_the_same_per_module_lora(tiny_gpt2_dir, randomize_lora, tmp_path):
+    patterns = {"rank_pattern": {"c_fc": 3}, "alpha_pattern": {"h.1.attn.c_attn": 5.0}}
+    saved = inject_lora(_load(tiny_gpt2_dir), ["c_attn", "c_fc"], rank=2, verbose=False, **patterns)
+    randomize_lora(saved, seed=4)
+    save_adapter(saved, tmp_path)
+    same = inject_lora(_load(tiny_gpt2_dir), ["c_attn", "c_fc"], rank=2, verbose=False, **patterns)
+    load_adapter(same, tmp_path)
+    for name, wrapper in lora_wrappers(same).items():
+        assert torch.equal(wrapper.lora.lora_B, lora_wrappers(saved)[name].lora.lora_B)
+    # Same modules and ranks, but h.1.attn.c_attn's alpha differs: refused.
+    other = inject_lora(_load(tiny_gpt2_dir), ["c_attn", "c_fc"], rank=2, rank_pattern={"c_fc": 3}, verbose=False)
+    with pytest.raises(ValueError, match="does not match the LoRA already in the model"):
+        load_adapter(other, tmp_path)
+
+
+def test_a_rank_pattern_that_does_not_fit_the_tensors_is_refused(adapter_dir, tiny_gpt2_dir, snapshot,
+                                                                 assert_same_state):
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"h.1.mlp.c_fc": 3}}))
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    save_file(tensors, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})  # as PEFT writes it
+    model = _load(tiny_gpt2_dir)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.lora_A\.weight has shape \(2, 32\), the model needs "
+                                         r"\(3, 32\)"):
+        load_adapter(model, adapter_dir)
+    assert_same_state(model, before)
+    assert lora_module_names(model) == []
