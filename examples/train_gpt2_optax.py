@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import textwrap
 import time
@@ -55,7 +56,8 @@ from train_run_dir import RunDir, open_run_dir, start_state  # noqa: E402
 
 MAX_EVAL_WINDOWS = 128  # bounds eval time on big --data files; the default held-out text is smaller
 CHUNK_SIZE = 128  # tokens per block of the chunked LM head: the (B, T, V) logits never exist
-PROMPT_TOKENS, NEW_TOKENS = 16, 48
+# The first 48 held-out tokens as the prompt: enough context for the small base to pick up the register.
+PROMPT_TOKENS, NEW_TOKENS = 48, 48
 OPTIMIZER_FLAGS = ("lr", "steps", "warmup", "weight_decay", "clip_norm", "grad_accum")
 # |merged - factorized| held-out loss: fp32 rounding of x(W0 + sAB) vs xW0 + s(xA)B is ~1e-6 nats;
 # bf16 computes both in 8-bit mantissas, ~1e-2.
@@ -187,18 +189,24 @@ def prepare(args: argparse.Namespace) -> Job:
     def encode(text: str) -> np.ndarray:
         return np.asarray(tokenizer.encode(text).ids, dtype=np.int32)
 
-    try:
-        if args.data is None:
-            train_ids, heldout_ids = (encode(t) for t in target_corpus())
-        else:
+    if args.data is None:
+        train_ids, heldout_ids = (encode(t) for t in target_corpus())
+    else:
+        try:
             train_ids, heldout_ids = split_heldout(encode(read_text(args.data)), 0.1)
-        check_vocab(model_dir, config.vocab_size, tokenizer.get_vocab_size(), train_ids, heldout_ids)
+        except ValueError as err:  # too few tokens to hold any out
+            raise BadInput(f"--data {args.data}: {err}") from None
+    check_vocab(model_dir, config.vocab_size, tokenizer.get_vocab_size(), train_ids, heldout_ids)
+    try:  # the library says the text is too short for the window length; the flags are ours to name
         windows = heldout_windows(heldout_ids, args.seq_len)[:MAX_EVAL_WINDOWS]
-        WindowSampler(train_ids, args.seq_len, args.seed)  # validates the training text's length now
-        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        WindowSampler(train_ids, args.seq_len, args.seed)
+    except ValueError as err:
+        raise BadInput(f"{err} Lower --seq-len (now {args.seq_len}) or pass a longer --data.") from None
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    try:
         lora_config = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets)
-    except ValueError as err:  # from the text and config validators above: the text or a flag is unusable
-        raise BadInput(f"{err} (flags: --data, --seq-len, --rank, --alpha, --dropout, --targets)") from None
+    except ValueError as err:
+        raise BadInput(f"--rank/--alpha/--dropout/--targets: {err}") from None
     model = GPT2(config, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
     settings = run_config(args, str(model_dir.resolve()), train_ids)
     return Job(model_dir, model, frozen, tokenizer, train_ids, heldout_ids, windows, lora_config, settings)
@@ -307,16 +315,26 @@ def greedy_continuations(job: Job, frozen, merged) -> dict[str, Any]:
             "reference": job.tokenizer.decode(job.heldout_ids[prompt_len:prompt_len + new].tolist())}
 
 
+def _visible(text: str) -> str:
+    """One line of ``text``: a newline shown as ``\\n``, a run of them counted (greedy decoding loops on them).
+
+    >>> _visible("a\\nb" + "\\n" * 5)
+    'a\\\\n b [5 newlines]'
+    """
+    text = re.sub(r"\n{3,}", lambda run: f" [{len(run.group())} newlines] ", text)
+    return " ".join(text.replace("\n", "\\n ").split())
+
+
 def side_by_side(greedy: dict[str, Any], width: int = 38) -> str:
-    """The two continuations in columns, newlines shown as ``\\n``."""
+    """The two continuations in columns."""
     def column(text: str) -> list[str]:
-        return textwrap.wrap(text.replace("\n", "\\n "), width) or [""]
+        return textwrap.wrap(_visible(text), width) or [""]
 
     rows = [f"{'base model':<{width}} | with LoRA (merged)", f"{'-' * width}-+-{'-' * width}"]
     rows += [f"{a:<{width}} | {b}" for a, b in itertools.zip_longest(
         column(greedy["base"]), column(greedy["adapted"]), fillvalue="")]
-    return "\n".join([f"greedy continuation of the held-out prompt {greedy['prompt']!r}:", *rows,
-                      f"the text really continues: {greedy['reference']!r}"])
+    return "\n".join([f"greedy continuation (temperature 0) of the held-out prompt: {_visible(greedy['prompt'])}",
+                      *rows, f"the text really continues: {_visible(greedy['reference'])}"])
 
 
 def finish(args: argparse.Namespace, job: Job, state: TrainState, frozen: Any) -> dict[str, Any]:

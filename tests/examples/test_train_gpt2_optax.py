@@ -326,6 +326,8 @@ def _bigger_tokenizer(model: Path) -> None:
     ("out_is_a_file", "--out {tmp}/taken is a file"),
     ("seq_len_too_long", "--seq-len 64 exceeds the model's 32 positions"),
     ("no_target", "--targets q_proj: "),
+    ("empty_targets", "--rank/--alpha/--dropout/--targets: LoraConfig.target_modules is empty"),
+    ("text_too_short", "Held-out text has ... Lower --seq-len (now 16) or pass a longer --data."),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_traceback(example, base_dir, tmp_path, capsys, case, message):
     # Regression: these gave tracebacks with exit 1, or (a tokenizer bigger than the model) NaN blamed on --lr.
@@ -350,6 +352,11 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(example, base_dir, tmp
         extra = ["--seq-len", "64"]
     elif case == "no_target":
         extra = ["--targets", "q_proj"]
+    elif case == "empty_targets":
+        extra = ["--targets", ","]
+    elif case == "text_too_short":
+        (tmp_path / "short.txt").write_text("a few words of text " * 3, encoding="utf-8")
+        extra = ["--data", str(tmp_path / "short.txt")]
     code = example.main(_argv(model, out, *extra))
     err = capsys.readouterr().err
     assert code == example.EXIT_BAD_INPUT, err
