@@ -170,8 +170,8 @@ def _checked_tensors(
     if head is not None and not np.array_equal(head, tensors["wte.weight"]):
         raise ValueError(
             "lm_head.weight differs from wte.weight (config.json tie_word_embeddings is "
-            f"{str(tied).lower()}); this Flax GPT-2 ties its output head to wte, so it cannot hold this "
-            "checkpoint. Use a checkpoint whose head is tied."
+            f"{str(tied).lower()}); this GPT-2 requires a tied output head (lm_head = wte), so it cannot "
+            "hold this checkpoint. Use a checkpoint whose head is tied."
         )
     return tensors
 

@@ -221,7 +221,9 @@ def _reject_unsupported_variants(hf: dict[str, Any]) -> None:
     """
     problems = []
     if hf.get("model_type", "gpt2") != "gpt2":
-        problems.append(f"model_type is {hf['model_type']!r}: this is not a GPT-2 checkpoint; load it with its own model")
+        problems.append(
+            f"model_type is {hf['model_type']!r}: this is not a GPT-2 checkpoint; load it with its own model"
+        )
     if hf.get("add_cross_attention", False):
         problems.append(
             "add_cross_attention is true: this Flax GPT-2 has no cross-attention layers "
