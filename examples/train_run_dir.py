@@ -160,8 +160,8 @@ def start_state(args, run_dir: RunDir, fresh: TrainState, settings: Mapping[str,
             changed = {k: [stored.get(k), settings[k]] for k in CHANGEABLE_ON_RESUME if stored.get(k) != settings[k]}
             if changed:
                 record.update(changed=changed, note=NOT_BIT_IDENTICAL)
-                print("note: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items())
-                      + f" at step {state.step}; {NOT_BIT_IDENTICAL}.")
+                flags = ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items())
+                print(f"note: {flags} at step {state.step}; {NOT_BIT_IDENTICAL}.")
             print(f"resumed from {found.path} (step {state.step})")
             return state._replace(history=state.history + (record,))
         print(f"no checkpoint under {run_dir.checkpoints}; starting fresh")
