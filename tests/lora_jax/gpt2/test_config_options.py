@@ -21,7 +21,8 @@ from transformers.activations import ACT2CLS, ACT2FN
 
 from lora_jax.gpt2.generation import generate
 from lora_jax.gpt2.loading import load_gpt2, save_gpt2
-from lora_jax.gpt2.model import ACTIVATIONS, GPT2, GPT2Config, init_cache
+from lora_jax.gpt2.activations import ACTIVATIONS
+from lora_jax.gpt2.model import GPT2, GPT2Config, init_cache
 
 torch.backends.cuda.matmul.allow_tf32 = False
 
