@@ -8,9 +8,9 @@ any tree of arrays, and every function that needs the scale reads it from the ad
 a merge with an alpha other than the one trained with cannot happen silently.
 
 The scale is asked per module (``Adapter.scaling``): the config's ``rank_pattern`` and
-``alpha_pattern`` give modules their own rank and alpha, as in PEFT. The value is built to grow: a variant's extra leaves sit beside ``lora_A``
-and ``lora_B`` in the module's dict; several named adapters are a mapping of such values; the
-frozen base (plain or quantized) is never part of it.
+``alpha_pattern`` give modules their own rank and alpha, as in PEFT. The value is built to grow:
+a variant's extra leaves sit beside ``lora_A`` and ``lora_B`` in the module's dict; several named
+adapters are a mapping of such values; the frozen base (plain or quantized) is never part of it.
 
 Example:
     >>> import jax.numpy as jnp

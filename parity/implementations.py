@@ -38,14 +38,16 @@ def inject_torch(model, config):
     """``lora_torch.inject_lora`` with a ``LoraConfig``'s settings, then ``freeze_base_model``.
 
     Every field that selects modules (``target_modules``, ``layers_to_transform``,
-    ``layers_pattern``) is passed on, so both halves pick their layer index by the same rule.
+    ``layers_pattern``) is passed on, so both halves pick their layer index by the same rule, and
+    so are ``rank_pattern`` / ``alpha_pattern``, which give modules their own rank and alpha.
     """
     from lora_torch import freeze_base_model, inject_lora
 
-    # LoraConfig stores lists as tuples; inject_lora takes tuples as they are.
+    # LoraConfig stores lists as tuples and patterns as (key, value) pairs; inject_lora takes both as they are.
     inject_lora(model, config.target_modules, config.rank, config.alpha, dropout=config.dropout,
                 use_rslora=config.use_rslora, layers_to_transform=config.layers_to_transform,
-                layers_pattern=config.layers_pattern, verbose=False)
+                layers_pattern=config.layers_pattern, rank_pattern=config.rank_pattern,
+                alpha_pattern=config.alpha_pattern, verbose=False)
     return freeze_base_model(model)
 
 

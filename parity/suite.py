@@ -95,6 +95,9 @@ def describe_lora(config: Any) -> dict:
     if config.layers_pattern is not None:
         pattern = config.layers_pattern
         out["layers_pattern"] = pattern if isinstance(pattern, str) else ",".join(pattern)
+    for field in ("rank_pattern", "alpha_pattern"):  # per-module ranks/alphas; "scaling" is then the default's
+        if getattr(config, field):
+            out[field] = ",".join(f"{key}={value:g}" for key, value in getattr(config, field))
     return out
 
 
@@ -166,7 +169,9 @@ class _Stages:
         results = {}
         for flag in (False, True):
             adapted = self.adapted(flag)
-            label = f"rsLoRA {'on' if flag else 'off'}, s={adapted.config.scaling:g}"
+            config = adapted.config
+            varied = " for modules no pattern names" if config.rank_pattern or config.alpha_pattern else ""
+            label = f"rsLoRA {'on' if flag else 'off'}, s={config.scaling:g}{varied}"
             results[flag] = check_forward_delta(adapted, self.input_ids, label)
         main = results[self.adapted().config.use_rslora]
         # Both runs share A and B (only the scaling differs), so the B row is kept once.

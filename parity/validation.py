@@ -201,8 +201,8 @@ def check_lora_flags(lora_config: Any, gpt2_config: dict, skeleton: Any) -> None
 def check_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict, skeleton: Any) -> None:
     """Checks a PEFT adapter directory: its config is one both halves read, and it describes its tensors.
 
-    The tensors must be exactly the LoRA factors of the modules the config selects in this GPT-2, at the
-    config's rank. Reads ``adapter_config.json`` through ``lora_torch.peft_config.parse_adapter_config``
+    The tensors must be exactly the LoRA factors of the modules the config selects in this GPT-2, each at
+    the rank the config gives that module (``r``, or ``rank_pattern``'s first match). Reads ``adapter_config.json`` through ``lora_torch.peft_config.parse_adapter_config``
     (which refuses what neither half implements, such as DoRA) and only the header of the tensor file.
     """
     from lora_torch.peft_config import parse_adapter_config
@@ -226,7 +226,30 @@ def check_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict, skeleton: A
         raise BadInput(f"{prefix}the targets of {config_file} (target_modules={spec.target_modules!r}, "
                        f"layers_to_transform={spec.layers_to_transform!r}) do not match adapter_model.safetensors "
                        f"({'; '.join(gaps)}); save the adapter again with the config that made its tensors.")
-    ranks = {leaves["A"][0] for leaves in factors.values()} | {leaves["B"][1] for leaves in factors.values()}
-    if ranks != {spec.rank}:
-        raise BadInput(f"{prefix}{config_file} says r={spec.rank} but its tensors have rank "
-                       f"{sorted(ranks)}; save the adapter again with the config that made its tensors.")
+    wrong = rank_mismatches(factors, spec)
+    if wrong:
+        ranks = sorted({rank for leaves in factors.values() for rank in (leaves["A"][0], leaves["B"][1])})
+        pattern = f", rank_pattern={dict(spec.rank_pattern)}" if spec.rank_pattern else ""
+        raise BadInput(f"{prefix}{config_file} says r={spec.rank}{pattern} but its tensors have rank {ranks} "
+                       f"({len(wrong)} of {len(factors)} modules differ, e.g. {wrong[0]}); save the adapter again "
+                       "with the config that made its tensors.")
+
+
+def rank_mismatches(factors: dict[str, dict[str, tuple]], spec: Any) -> list[str]:
+    """``"<module>: config r, tensors r_A/r_B"`` for each module whose tensors' rank differs from its config rank.
+
+    A module's config rank is ``rank_pattern``'s first match, else ``r`` (``lora_format.patterns``, PEFT's rule).
+
+    >>> from lora_torch.peft_config import AdapterSpec
+    >>> spec = AdapterSpec(rank=4, lora_alpha=8, dropout=0.0, use_rslora=False, target_modules=["c_fc"],
+    ...                    rank_pattern=(("h.0.mlp.c_fc", 2),))
+    >>> rank_mismatches({"transformer.h.0.mlp.c_fc": {"A": (2, 32), "B": (128, 2)},
+    ...                  "transformer.h.1.mlp.c_fc": {"A": (2, 32), "B": (128, 2)}}, spec)
+    ['transformer.h.1.mlp.c_fc: config r=4, tensors 2/2']
+    """
+    wrong = []
+    for module, leaves in sorted(factors.items()):
+        rank, _ = spec.module_rank_alpha(module)
+        if (leaves["A"][0], leaves["B"][1]) != (rank, rank):
+            wrong.append(f"{module}: config r={rank}, tensors {leaves['A'][0]}/{leaves['B'][1]}")
+    return wrong

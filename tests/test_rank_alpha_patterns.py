@@ -94,7 +94,8 @@ def jax_modules(adapter) -> dict[str, tuple[int, float, float]]:
 
 
 def torch_modules(model) -> dict[str, tuple[int, float, float]]:
-    return {name: (w.lora.rank, w.lora.lora_alpha, w.lora.scaling) for name, w in lora_torch.lora_wrappers(model).items()}
+    wrappers = lora_torch.lora_wrappers(model)
+    return {name: (w.lora.rank, w.lora.lora_alpha, w.lora.scaling) for name, w in wrappers.items()}
 
 
 def expected_modules(use_rslora: bool) -> dict[str, tuple[int, float, float]]:
@@ -201,3 +202,15 @@ def test_merge_in_both_halves_equals_peft_merge_and_unload(gpt2, peft_saved, tin
         assert max_error(kernels["peft"][name], base[f"{name}.weight"].numpy()) > 1e-2  # the merge changed W
         np.testing.assert_allclose(kernels["lora_jax"][name], kernels["peft"][name], atol=MERGE_ATOL, rtol=0)
         np.testing.assert_allclose(kernels["lora_torch"][name], kernels["peft"][name], atol=MERGE_ATOL, rtol=0)
+
+
+def test_parity_accepts_the_peft_adapter_and_injects_peft_ranks(gpt2, peft_saved, tiny_gpt2_dir):
+    from parity.checkpoint import read_gpt2_config
+    from parity.implementations import inject_torch
+    from parity.validation import check_adapter, gpt2_skeleton
+
+    directory, model = peft_saved
+    # Before: "says r=4 but its tensors have rank [2, 4, 6]" (exit 2); now each module is held to its own rank.
+    assert check_adapter(directory, read_gpt2_config(tiny_gpt2_dir), gpt2_skeleton(tiny_gpt2_dir)) is None
+    injected = inject_torch(base_model(tiny_gpt2_dir), lora_jax.load_adapter(directory, gpt2[1]).config)
+    assert torch_modules(injected) == peft_modules(model)

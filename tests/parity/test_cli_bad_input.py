@@ -105,6 +105,10 @@ ADAPTER_CASES = {
     "config_layers_differ_from_tensors": (dict(layers_to_transform=[0]),
                                           "tensors not selected: transformer.h.1.attn.c_attn"),
     "config_rank_differs_from_tensors": (dict(r=8), "says r=8 but its tensors have rank [4]"),
+    "rank_pattern_differs_from_tensors": (
+        dict(rank_pattern={"h.1.attn.c_attn": 2}),
+        "rank_pattern={'h.1.attn.c_attn': 2} but its tensors have rank [4] (1 of 2 modules differ, e.g. "
+        "transformer.h.1.attn.c_attn: config r=2, tensors 4/4)"),
 }
 
 
