@@ -9,7 +9,7 @@ import numpy as np
 
 from parity.adapted import AdaptedPair, nonzero_b_row
 from parity.linear_layout import conv1d_to_linear
-from parity.results import StageResult, compare_arrays, compare_named_arrays
+from parity.results import CheckResult, StageResult, Tolerance, array_errors, compare_arrays, compare_named_arrays
 from parity.tolerances import tolerance_for
 from parity.transfer import adapter_to_named, copy_into_torch, jax_kernel
 
@@ -29,6 +29,31 @@ def _torch_kernels(model: Any, names: list[str]) -> dict[str, np.ndarray]:
         weight = module.weight.detach().float().cpu().numpy()
         kernels[name] = weight.T if isinstance(module, nn.Linear) else weight
     return kernels
+
+
+def compare_unmerge(name: str, restored: dict[str, np.ndarray], base: dict[str, np.ndarray],
+                    merged: dict[str, np.ndarray], tolerance: Tolerance) -> CheckResult:
+    """Unmerged vs base kernels, each module's error relative to its MERGED kernel's scale.
+
+    ``(W0 + sAB) - sAB`` returns ``W0`` up to one rounding of ``W0 + sAB``; when ``sAB`` is larger than
+    ``W0`` (a trained or large-B adapter), that rounding is large next to ``max|W0|`` but not next to
+    ``max|W0 + sAB|``, the scale it happens at. The row reports the worst module.
+
+    >>> base, merged = {"m": np.array([0.01, 0.0])}, {"m": np.array([0.01, 1.0])}
+    >>> row = compare_unmerge("unmerge", {"m": np.array([0.01, 6e-8])}, base, merged, Tolerance(rtol=1e-6))
+    >>> row.passed, round(row.max_rel, 9), row.detail
+    (True, 6e-08, 'worst: m')
+    """
+    worst_key, worst_abs, worst_rel = "", 0.0, 0.0
+    for key in sorted(base):
+        max_abs, _ = array_errors(restored[key], base[key])
+        scale = float(np.max(np.abs(np.asarray(merged[key], np.float64))))
+        rel = max_abs / scale if scale else (0.0 if max_abs == 0.0 else float("inf"))
+        worst_abs = max(worst_abs, max_abs)
+        if rel >= worst_rel:
+            worst_key, worst_rel = key, rel
+    return CheckResult(stage="merge", name=name, max_abs=worst_abs, max_rel=worst_rel, tolerance=tolerance,
+                       passed=tolerance.admits(worst_abs, worst_rel), detail=f"worst: {worst_key}")
 
 
 def _merged_pair_rows(adapted: AdaptedPair, torch_model: Any, layout: str, input_ids: np.ndarray,
@@ -76,10 +101,11 @@ def check_merge(adapted: AdaptedPair, input_ids: np.ndarray) -> StageResult:
     base_kernels = _torch_kernels(pair.torch_model, names)
     restored_kernels = {n: restored.get_submodule(n).base_layer.weight.detach().float().cpu().numpy() for n in names}
     unmerged_params = pair.impl.jax_unmerge(merged_params, adapter)
+    merged_kernels = _jax_kernels(merged_params, names)
     rows += [
-        compare_named_arrays("merge", "torch unmerge restores base weights", restored_kernels, base_kernels,
-                             tolerance_for("unmerge", dtype)),
-        compare_named_arrays("merge", "JAX unmerge restores base kernels", _jax_kernels(unmerged_params, names),
-                             _jax_kernels(pair.jax_params, names), tolerance_for("unmerge", dtype)),
+        compare_unmerge("torch unmerge restores base weights", restored_kernels, base_kernels, merged_kernels,
+                        tolerance_for("unmerge", dtype)),
+        compare_unmerge("JAX unmerge restores base kernels", _jax_kernels(unmerged_params, names),
+                        _jax_kernels(pair.jax_params, names), merged_kernels, tolerance_for("unmerge", dtype)),
     ]
     return StageResult(rows, {"torch_merged_logits": torch_merged, "jax_merged_logits": jax_merged})
