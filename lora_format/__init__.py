@@ -8,6 +8,8 @@ Modules:
         the reason) or ignored, and the reader that applies it.
     ``patterns``: PEFT's ``rank_pattern`` / ``alpha_pattern`` rule (which rank and alpha each module
         gets), tested against ``peft.utils.other.get_pattern_key``.
+    ``atomic``: files and directories replaced atomically (temporary siblings, stale-temporary
+        removal, the usual modes, the ``RENAME_EXCHANGE`` swap), for both halves' writes.
     ``adapter_dir``: atomic saves of a whole adapter directory, reads pinned to one save, and the
         digest that ties the config to its weights.
 """

@@ -29,6 +29,11 @@ moment; it retries briefly and never mixes two saves. A crash between the first 
 the previous adapter under a ``.<name>.tmp-*`` name (until the next save), which the reader's
 ``FileNotFoundError`` names. Two saves racing there may fail with a clear ``OSError``.
 
+The temporary names, the stale-temporary rule, the usual modes and the ``RENAME_EXCHANGE`` swap are
+``lora_format.atomic``'s, shared with single-file writes in both halves; this module adds what is
+particular to adapters (the carried-over README, the refusal of foreign files, the retries of racing
+saves, pinned reads and the config digest).
+
 Nothing here imports torch or JAX: ``lora_torch`` and ``lora_jax`` save and read through it.
 
 Example:
@@ -48,22 +53,28 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import hashlib
 import json
-import logging
 import os
-import re
-import secrets
 import shutil
 import struct
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lora_format import atomic
+from lora_format.atomic import (  # current_umask and usual_mode are re-exported, as before
+    STALE_AFTER_S,
+    current_umask,
+    fsync_path,
+    remove_path,
+    set_usual_modes,
+    temp_sibling,
+    usual_mode,
+)
+from lora_format.atomic import exchange as _exchange  # a module global, so a test can take RENAME_EXCHANGE away
 
 __all__ = [
     "CONFIG_DIGEST_KEY", "CONFIG_NAME", "PICKLED_WEIGHTS_NAME", "WEIGHTS_NAME", "AdapterFiles", "PinnedAdapterDir",
@@ -72,8 +83,6 @@ __all__ = [
     "temp_sibling", "usual_mode", "weights_metadata",
 ]
 
-logger = logging.getLogger(__name__)
-
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT; readers must use torch.load(weights_only=True)
@@ -81,11 +90,6 @@ PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT; readers must use torch
 ADAPTER_NAMES = (CONFIG_NAME, WEIGHTS_NAME, PICKLED_WEIGHTS_NAME)
 CARRIED_NAMES = ("README.md",)
 CONFIG_DIGEST_KEY = "lora_parity.config_sha256"
-# A temporary whose writer is still alive is kept this long (pids are reused, and other hosts' pids mean nothing).
-STALE_AFTER_S = 3600.0
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
 _PIN_ATTEMPTS = 50  # a reader retries while saves swap directories under it
 
 
@@ -174,104 +178,14 @@ def check_config_digest(config_bytes: bytes, metadata: dict[str, str], source: s
             f"weights without the {CONFIG_DIGEST_KEY!r} metadata entry.")
 
 
-def current_umask() -> int:
-    """Returns the process umask without changing it (``/proc/self/status`` on Linux; else a brief swap)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    mask = os.umask(0o022)  # racy with other threads creating files; only where /proc is missing
-    os.umask(mask)
-    return mask
-
-
-def usual_mode(umask: int, *, directory: bool = False) -> int:
-    """Returns the mode a plain ``open``/``mkdir`` gives under ``umask``.
-
-    Temporary-file helpers (``mkstemp``, and safetensors' own writer) give 0o600, which would make a
-    saved adapter unreadable to the rest of a group; saves here restore the usual mode.
-
-    >>> oct(usual_mode(0o022)), oct(usual_mode(0o022, directory=True)), oct(usual_mode(0o077))
-    ('0o644', '0o755', '0o600')
-    """
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def set_usual_modes(path: str | os.PathLike) -> None:
-    """Gives ``path`` (and, for a directory, the regular files in it) the usual modes under the current umask."""
-    path, umask = Path(path), current_umask()
-    if path.is_dir():
-        for entry in path.iterdir():
-            if entry.is_file() and not entry.is_symlink():
-                os.chmod(entry, usual_mode(umask))
-    os.chmod(path, usual_mode(umask, directory=path.is_dir()))
-
-
-def temp_sibling(target: str | os.PathLike) -> Path:
-    """Returns a fresh temporary name next to ``target``, ``.<name>.tmp-<pid>-<8 hex>``.
-
-    >>> name = temp_sibling("/runs/adapter").name
-    >>> _writer_pid(name, "adapter") == os.getpid(), len(name) == len(f".adapter.tmp-{os.getpid()}-") + 8
-    (True, True)
-    """
-    target = Path(target)
-    return target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _writer_pid(entry: str, target_name: str) -> int | None:
-    """Returns the writer pid encoded in a temporary's name, or None if ``entry`` is not one of ours.
-
-    >>> _writer_pid(".adapter.tmp-4321-0a1b2c3d", "adapter"), _writer_pid(".adapter.tmp-x-0a1b2c3d", "adapter")
-    (4321, None)
-    """
-    match = re.fullmatch(rf"\.{re.escape(target_name)}\.tmp-(\d+)-[0-9a-f]{{8}}", entry)
-    return int(match.group(1)) if match else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def remove_stale_temps(target: str | os.PathLike, *, max_age_s: float = STALE_AFTER_S) -> list[Path]:
     """Removes the temporaries of ``target`` left by writers that died or that are older than ``max_age_s``.
 
-    Works for temporary files and directories alike. Returns the paths removed.
+    Works for temporary files and directories alike. Returns the paths removed. The rule is
+    ``lora_format.atomic.remove_stale_temps``, applied to ``target``'s own temporaries only.
     """
     target = Path(target)
-    removed = []
-    try:
-        entries = os.listdir(target.parent)
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        pid = _writer_pid(entry, target.name)
-        if pid is None:
-            continue
-        path = target.parent / entry
-        try:
-            age = time.time() - path.lstat().st_mtime
-        except FileNotFoundError:
-            continue  # another saver removed it first
-        if _pid_alive(pid) and age < max_age_s:
-            continue
-        _remove(path)
-        removed.append(path)
-        logger.info("removed %s, left by an interrupted save (writer pid %d)", path, pid)
-    return removed
+    return atomic.remove_stale_temps(target.parent, target.name, max_age_s=max_age_s)
 
 
 def _check_replaceable(target: Path) -> list[str]:
@@ -288,38 +202,6 @@ def _check_replaceable(target: Path) -> list[str]:
                          f"{' ...' if len(unknown) > 5 else ''}. Saving replaces the whole directory, so nothing "
                          "was written. Save the adapter into its own directory, or move those files out.")
     return [e for e in entries if e in CARRIED_NAMES]
-
-
-def _fsync(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-@functools.lru_cache(maxsize=1)
-def _renameat2():
-    if not sys.platform.startswith("linux"):
-        return None
-    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        function.restype = ctypes.c_int
-    return function
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Atomically swaps two existing paths; returns False where the system cannot (then nothing moved)."""
-    function = _renameat2()
-    if function is None:
-        return False
-    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(first), None, str(second))
 
 
 def _swap_in(new: Path, target: Path) -> None:
@@ -350,7 +232,7 @@ def _three_renames(new: Path, target: Path) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):
             os.rename(aside, target)
-        _remove(aside)  # still here only if the other save took the target: then it is superseded
+        remove_path(aside)  # still here only if the other save took the target: then it is superseded
         raise OSError(f"could not put the new adapter at {target} ({err}); another save replaced it at the same "
                       "time. The directory holds one whole adapter; save again if it is not yours.") from err
     os.rename(aside, new)
@@ -389,12 +271,12 @@ def save_adapter_dir(target: str | os.PathLike, write_files: Callable[[Path], No
         write_files(new)
         set_usual_modes(new)
         for entry in os.listdir(new):
-            _fsync(new / entry)
-        _fsync(new)
+            fsync_path(new / entry)
+        fsync_path(new)
         _swap_in(new, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
     finally:
-        _remove(new)  # the partial new adapter on failure, the previous one on success
+        remove_path(new)  # the partial new adapter on failure, the previous one on success
     remove_stale_temps(final)
     return Path(target)
 

@@ -1,14 +1,13 @@
-"""Files and directories replaced atomically: built under a temporary name beside the target, then renamed.
+"""Files and directories replaced atomically, for the JAX half: checkpoints, run directories, exports.
 
-A reader sees either the old file or the complete new one, never a half-written file, because
-``os.replace`` within one directory is atomic. The data is flushed to disk before the rename,
-so a crash right after it cannot leave an empty file under the final name either.
+A write builds the new file or directory under a temporary name beside the target
+(``.<target name>.tmp-<pid>-<8 hex>``) and renames it into place, so a reader or a crash sees the
+old content or the complete new one, never half of it. The next write of the same target removes
+temporaries whose writer died or that are older than ``STALE_AFTER_S``. New files and directories
+get the usual modes, ``0o666``/``0o777`` less the umask.
 
-Temporary names are ``.<target name>.tmp-<pid>-<8 hex>`` (the convention of
-``lora_format.adapter_dir`` too). Readers never open them, and the next write of the same target
-removes the ones whose writer has died (a SIGKILL skips every cleanup) or that are older than
-``STALE_AFTER_S``. New files and directories get the usual modes, ``0o666``/``0o777`` less the
-umask, not the ``0o600``/``0o700`` that ``tempfile`` gives its private temporaries.
+The implementation is ``lora_format.atomic``, shared with ``lora_torch`` and the adapter
+directories of ``lora_format.adapter_dir``; this module re-exports the names the JAX half uses.
 
 Example:
     >>> import tempfile
@@ -23,206 +22,19 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import functools
-import logging
-import os
-import re
-import secrets
-import shutil
-import sys
-import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
+from lora_format.atomic import (
+    STALE_AFTER_S,
+    atomic_write,
+    atomic_write_text,
+    current_umask,
+    fsync_path,
+    make_dir,
+    remove_stale_temps,
+    replace_dir,
+    temp_sibling,
+)
 
 __all__ = [
     "atomic_write", "atomic_write_text", "current_umask", "fsync_path", "make_dir", "remove_stale_temps",
     "replace_dir", "temp_sibling",
 ]
-
-logger = logging.getLogger(__name__)
-
-# A temporary whose writer is still alive is kept this long (pids are reused, and other hosts' pids mean nothing).
-STALE_AFTER_S = 3600.0
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-_umask_lock = threading.Lock()
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    with _umask_lock:  # elsewhere the only way to read it is to set it and put it back
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
-def temp_sibling(target: str | os.PathLike) -> Path:
-    """A fresh temporary name next to ``target``: ``.<name>.tmp-<pid>-<8 hex>``.
-
-    >>> name = temp_sibling("/runs/results.json").name
-    >>> name.startswith(f".results.json.tmp-{os.getpid()}-"), len(name.rsplit("-", 1)[1])
-    (True, 8)
-    """
-    target = Path(target)
-    return target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _temp_owner(entry: str, target_name: str | None) -> int | None:
-    """The writer pid in a temporary's name, or None if ``entry`` is not a temporary (of ``target_name``).
-
-    >>> _temp_owner(".adapter.tmp-4321-0a1b2c3d", "adapter"), _temp_owner(".adapter.tmp-x-0a1b2c3d", None)
-    (4321, None)
-    """
-    name = r".+" if target_name is None else re.escape(target_name)
-    match = re.fullmatch(rf"\.{name}\.tmp-(\d+)-[0-9a-f]{{8}}", entry)
-    return int(match.group(1)) if match else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def remove_stale_temps(directory: str | os.PathLike, target_name: str | None = None, *,
-                       max_age_s: float = STALE_AFTER_S) -> list[Path]:
-    """Removes temporaries in ``directory`` whose writer died or that are older than ``max_age_s``.
-
-    Args:
-        directory: where to look.
-        target_name: only temporaries of this target; None for every temporary in ``directory``.
-        max_age_s: the age after which even a live writer's temporary counts as abandoned.
-
-    Returns:
-        The paths removed (files or directories).
-    """
-    directory = Path(directory)
-    removed = []
-    try:
-        entries = os.listdir(directory)
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        pid = _temp_owner(entry, target_name)
-        if pid is None:
-            continue
-        path = directory / entry
-        try:
-            age = time.time() - path.lstat().st_mtime
-        except FileNotFoundError:
-            continue  # its writer finished or another cleaner was first
-        if _pid_alive(pid) and age < max_age_s:
-            continue
-        _remove(path)
-        removed.append(path)
-        logger.info("removed %s, left by an interrupted write (writer pid %d)", path, pid)
-    return removed
-
-
-def make_dir(path: str | os.PathLike) -> Path:
-    """Creates the directory ``path`` (not its parents) with mode ``0o777`` less the umask."""
-    os.mkdir(path, 0o777)
-    return Path(path)
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flushes a file, or a directory's entries (after a rename in it), to disk."""
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Calls ``write(temp_path)``, syncs the file, then renames it over ``target``.
-
-    Taking a writer rather than bytes lets a library that writes to a path (safetensors'
-    ``save_file``) stream a large file without a second copy in memory. On any error the
-    temporary file is removed and ``target`` is left as it was. The file gets mode ``0o666``
-    less the umask, whatever mode ``write`` created it with.
-    """
-    target = Path(target)
-    remove_stale_temps(target.parent, target.name)
-    temp = temp_sibling(target)
-    try:
-        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # exclusive: the name is ours
-        write(str(temp))
-        os.chmod(temp, 0o666 & ~current_umask())  # a writer may have replaced the file with a private one
-        fsync_path(temp)
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(target: str | os.PathLike, text: str) -> None:
-    """Replaces ``target`` with the UTF-8 ``text`` atomically."""
-    atomic_write(target, lambda temp_name: Path(temp_name).write_text(text, encoding="utf-8"))
-
-
-@functools.lru_cache(maxsize=1)
-def _renameat2():
-    if not sys.platform.startswith("linux"):
-        return None
-    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        function.restype = ctypes.c_int
-    return function
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Swaps two existing paths in one atomic step; False where the system cannot (then nothing moved)."""
-    function = _renameat2()
-    if function is None:
-        return False
-    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(first), None, str(second))
-
-
-def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Puts the complete directory ``new`` at ``target`` and deletes what ``target`` held before.
-
-    ``os.replace`` cannot replace a non-empty directory. On Linux ``renameat2(RENAME_EXCHANGE)``
-    swaps the two atomically, so a reader or a crash sees the old directory or the new one, never
-    neither. Elsewhere the old directory is first renamed to a temporary name, which a crash between
-    the two renames leaves behind (the previous content, under ``.<name>.tmp-<pid>-<hex>``).
-    Both paths must be in the same directory (same filesystem). The parent is fsynced.
-    """
-    new, target = Path(new), Path(target)
-    if os.path.lexists(target):
-        if not _exchange(new, target):
-            aside = temp_sibling(target)
-            os.rename(target, aside)
-            os.rename(new, target)
-            os.rename(aside, new)
-        fsync_path(target.parent)
-        _remove(new)  # now the previous directory
-    else:
-        os.rename(new, target)
-        fsync_path(target.parent)

@@ -3,52 +3,30 @@
 A write goes to a temporary file next to the destination (``.<name>.tmp-<pid>-<hex>``, mode
 ``0o666`` less the umask like any new file), is fsynced and then ``os.replace``d over the
 destination, so a crash leaves either the old file or the new one, never half of one. The next
-write to the same name removes temporaries left by writers that were killed.
+write to the same name removes temporaries left by writers that were killed. The atomic write itself
+is ``lora_format.atomic.atomic_destination``, the implementation both halves share.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from lora_format.adapter_dir import remove_stale_temps, set_usual_modes, temp_sibling
+# Re-exported: the one implementation of atomic writes is lora_format.atomic, shared with lora_jax.
+from lora_format.atomic import atomic_destination, fsync_path
+
+__all__ = [
+    "PICKLE_SUFFIXES", "atomic_destination", "fsync_path", "parse_json", "read_json", "read_tensors",
+    "tensors_from_bytes", "write_json", "write_safetensors",
+]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flushes a file, or a directory's entries (after a rename in it), to disk."""
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-@contextlib.contextmanager
-def atomic_destination(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path next to ``path``; on success it replaces ``path``, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    try:
-        yield tmp
-        set_usual_modes(tmp)  # writers such as safetensors replace the file with a 0o600 one
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    remove_stale_temps(path)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
