@@ -18,8 +18,9 @@ def window_loss(model, params, window):
 
 def test_mean_over_windows_that_share_their_boundary_token():
     model, params = GPT2(CONFIG), init_gpt2_params(CONFIG, jax.random.key(0))
-    ids = np.arange(11, dtype=np.int32) % CONFIG.vocab_size  # windows [0:5] and [4:9]; the tail 9, 10 is dropped
-    expected = np.mean([window_loss(model, params, ids[0:5]), window_loss(model, params, ids[4:9])])
+    # Windows of n_positions = 4 tokens at stride 3: [0:4] and [3:7]; the tail 7 is dropped.
+    ids = np.arange(8, dtype=np.int32) % CONFIG.vocab_size
+    expected = np.mean([window_loss(model, params, ids[0:4]), window_loss(model, params, ids[3:7])])
     # Same float32 forward per window, batched vs one at a time: a few ulps of a loss near log(11).
     assert mean_token_loss(model, params, ids, batch_size=2) == pytest.approx(expected, abs=1e-5)
     # batch_size=1 visits the same two windows in two batches.
@@ -28,6 +29,6 @@ def test_mean_over_windows_that_share_their_boundary_token():
 
 def test_too_short_a_stream_names_the_window_size():
     model, params = GPT2(CONFIG), init_gpt2_params(CONFIG, jax.random.key(0))
-    with pytest.raises(ValueError, match=r"at least n_positions \+ 1 = 5 tokens .* got 4"):
-        mean_token_loss(model, params, np.arange(4, dtype=np.int32))
-    assert mean_token_loss(model, params, np.arange(5, dtype=np.int32)) > 0.0  # exactly one window suffices
+    with pytest.raises(ValueError, match=r"at least n_positions = 4 tokens .* got 3"):
+        mean_token_loss(model, params, np.arange(3, dtype=np.int32))
+    assert mean_token_loss(model, params, np.arange(4, dtype=np.int32)) > 0.0  # exactly one window suffices
