@@ -36,6 +36,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.counting import count_params, lora_param_count, trainable_summary
 from lora_jax.forward import lora_apply, lora_branch, lora_interception
 from lora_jax.initialize import a_init_bound, init_lora
+from lora_jax.loraplus import loraplus_optimizer
 from lora_jax.merge import lora_delta, merge, unmerge
 from lora_jax.partition import combine, split, trainable_labels, trainable_mask
 from lora_jax.targets import dotted_name, resolve_targets
@@ -87,6 +88,7 @@ __all__ = [
     "lora_interception",
     "lora_optimizer",
     "lora_param_count",
+    "loraplus_optimizer",
     "make_combined_train_step",
     "make_train_step",
     "merge",

@@ -11,6 +11,7 @@ trainable params: 44 || all params: 102 || trainable%: 43.1373
 
 from lora_torch.inject import find_target_modules, inject_lora, lora_module_names, lora_wrappers
 from lora_torch.layers import Conv1DWithLoRA, LinearWithLoRA, LoRALayer, LoRAWrapper, lora_scaling
+from lora_torch.loraplus import create_loraplus_param_groups
 from lora_torch.lora_weights import load_lora_weights, save_lora_weights
 from lora_torch.merge import merge_lora_weights, unmerge_lora_weights
 from lora_torch.peft_adapter import load_adapter, peft_state_dict, save_adapter
@@ -28,6 +29,7 @@ __all__ = [
     "LoRALayer",
     "LoRAWrapper",
     "build_adapter_config",
+    "create_loraplus_param_groups",
     "find_target_modules",
     "freeze_base_model",
     "inject_lora",
