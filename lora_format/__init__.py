@@ -10,6 +10,7 @@ Modules:
         gets), tested against ``peft.utils.other.get_pattern_key``.
     ``atomic``: files and directories replaced atomically (temporary siblings, stale-temporary
         removal, the usual modes, the ``RENAME_EXCHANGE`` swap), for both halves' writes.
+    ``json_files``: JSON files that must hold one object, read with errors naming the file.
     ``adapter_dir``: atomic saves of a whole adapter directory, reads pinned to one save, and the
         digest that ties the config to its weights.
 """

@@ -79,7 +79,7 @@ from lora_format.atomic import exchange as _exchange  # a module global, so a te
 __all__ = [
     "CONFIG_DIGEST_KEY", "CONFIG_NAME", "PICKLED_WEIGHTS_NAME", "WEIGHTS_NAME", "AdapterFiles", "PinnedAdapterDir",
     "check_config_digest", "config_digest", "encode_config", "open_adapter_dir", "read_adapter_files",
-    "current_umask", "remove_stale_temps", "safetensors_metadata", "save_adapter_dir", "set_usual_modes",
+    "current_umask", "remove_stale_temps", "safetensors_header", "safetensors_metadata", "save_adapter_dir", "set_usual_modes",
     "temp_sibling", "usual_mode", "weights_metadata",
 ]
 
@@ -127,6 +127,38 @@ def weights_metadata(config_bytes: bytes) -> dict[str, str]:
     return {"format": "pt", CONFIG_DIGEST_KEY: config_digest(config_bytes)}
 
 
+def _corrupt(source: str, why: str) -> ValueError:
+    return ValueError(f"{source} is not a readable safetensors file ({why}); it is truncated or corrupt, save it again.")
+
+
+def safetensors_header(data: bytes, source: str) -> dict:
+    """Returns the JSON header of a safetensors file's bytes: tensor entries and ``__metadata__``.
+
+    Raises:
+        ValueError: the header is truncated or is not a safetensors header.
+
+    >>> header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+    >>> safetensors_header(struct.pack("<Q", len(header)) + header + bytes(8), "w.safetensors")["w"]["shape"]
+    [2]
+    >>> safetensors_header(b"\\x00" * 4, "w.safetensors")
+    Traceback (most recent call last):
+    ...
+    ValueError: w.safetensors is not a readable safetensors file (4 bytes, shorter than its 8-byte header length); it is truncated or corrupt, save it again.
+    """
+    if len(data) < 8:
+        raise _corrupt(source, f"{len(data)} bytes, shorter than its 8-byte header length")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise _corrupt(source, f"header of {size} bytes in a file of {len(data)}")
+    try:
+        header = json.loads(data[8:8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _corrupt(source, f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(source, "header is not a JSON object")
+    return header
+
+
 def safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
     """Returns the ``__metadata__`` of a safetensors file's bytes (``{}`` when it has none).
 
@@ -136,29 +168,10 @@ def safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
     >>> header = b'{"__metadata__": {"format": "pt"}}'
     >>> safetensors_metadata(struct.pack("<Q", len(header)) + header, "w.safetensors")
     {'format': 'pt'}
-    >>> safetensors_metadata(b"\\x00" * 4, "w.safetensors")
-    Traceback (most recent call last):
-    ...
-    ValueError: w.safetensors is not a readable safetensors file (4 bytes, shorter than its 8-byte header length); it is truncated or corrupt, save it again.
     """
-    def corrupt(why: str) -> ValueError:
-        return ValueError(f"{source} is not a readable safetensors file ({why}); it is truncated or corrupt, "
-                          "save it again.")
-
-    if len(data) < 8:
-        raise corrupt(f"{len(data)} bytes, shorter than its 8-byte header length")
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > len(data) - 8:
-        raise corrupt(f"header of {size} bytes in a file of {len(data)}")
-    try:
-        header = json.loads(data[8:8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise corrupt(f"header is not JSON: {err}") from None
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    metadata = header.get("__metadata__", {})
+    metadata = safetensors_header(data, source).get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise corrupt("__metadata__ is not a str -> str mapping")
+        raise _corrupt(source, "__metadata__ is not a str -> str mapping")
     return metadata
 
 

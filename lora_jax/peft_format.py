@@ -35,9 +35,7 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,16 +45,18 @@ import numpy as np
 import safetensors.flax
 import safetensors.numpy
 
-from lora_format.patterns import check_survives_sorting
-from lora_format.peft_fields import read_adapter_config
 from lora_format.adapter_dir import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     encode_config,
     read_adapter_files,
+    safetensors_header,
     save_adapter_dir,
     weights_metadata,
 )
+from lora_format.json_files import parse_json_object
+from lora_format.patterns import check_survives_sorting
+from lora_format.peft_fields import read_adapter_config
 from lora_jax.adapter import Adapter, checked_modules
 from lora_jax.config import LoraConfig
 from lora_jax.initialize import factor_shapes
@@ -200,16 +200,6 @@ def config_from_adapter_dict(meta: Mapping[str, Any], source: str = CONFIG_FILE)
         raise ValueError(f"{source}: {err}") from err
 
 
-def _parse_config(config_bytes: bytes, file: Path) -> LoraConfig:
-    try:
-        meta = json.loads(config_bytes.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err}); the adapter is damaged.") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(meta).__name__}.")
-    return config_from_adapter_dict(meta, str(file))
-
-
 # safetensors dtype codes of the float types an adapter may hold; an integer or bool tensor is not
 # a LoRA weight (casting int32 ids to float would give values like 1e9).
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -217,12 +207,11 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 def _read_header(data: bytes, file: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the safetensors header alone; non-float tensors are refused."""
+    header = safetensors_header(data, str(file))
     try:
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + size].decode("utf-8"))
         entries = {key: (str(info["dtype"]), tuple(int(d) for d in info["shape"]))
                    for key, info in header.items() if key != "__metadata__"}
-    except Exception as err:  # a damaged header can fail in many ways; all mean the same to the user
+    except Exception as err:  # a malformed entry can fail in many ways; all mean the same to the user
         raise ValueError(f"{file} is not a readable safetensors file ({err!r}); it may be truncated.") from None
     not_float = sorted(f"{key} ({dtype})" for key, (dtype, _) in entries.items() if dtype not in FLOAT_DTYPES)
     if not_float:
@@ -303,7 +292,8 @@ def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any], *, a
             f"{weights_file} is a pickle; lora_jax never unpickles. Convert it to {WEIGHTS_FILE} with PEFT "
             "(load it and save_pretrained(..., safe_serialization=True)), or load it with lora_torch."
         )
-    config = _parse_config(files.config, directory / CONFIG_FILE)
+    config_file = str(directory / CONFIG_FILE)
+    config = config_from_adapter_dict(parse_json_object(files.config, config_file), config_file)
     shapes = _read_header(files.weights, weights_file)
     _check_keys_and_shapes(shapes, params, config)
     try:

@@ -20,6 +20,8 @@ from safetensors.torch import load, save_file
 
 # Re-exported: the one implementation of atomic writes is lora_format.atomic, shared with lora_jax.
 from lora_format.atomic import atomic_destination, fsync_path
+from lora_format.json_files import parse_json_object as parse_json
+from lora_format.json_files import read_json_object as read_json
 
 __all__ = [
     "PICKLE_SUFFIXES", "atomic_destination", "fsync_path", "parse_json", "read_json", "read_tensors",
@@ -42,30 +44,6 @@ def write_json(obj: object, path: str | os.PathLike) -> None:
     """Writes ``obj`` as indented JSON, atomically."""
     with atomic_destination(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def parse_json(data: bytes, source: str) -> dict:
-    """Parses the bytes of a JSON object, raising a ValueError that names ``source`` when they are not one.
-
-    >>> parse_json(b'{"r": 8}', "c.json")
-    {'r': 8}
-    """
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{source} is not valid JSON ({err}); the file is truncated or corrupt, "
-                         "save it again.") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{source} must hold a JSON object, found {type(obj).__name__}.")
-    return obj
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    """Reads a JSON object, raising a ValueError that names the file when it is missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; expected a JSON file there.")
-    return parse_json(path.read_bytes(), str(path))
 
 
 def tensors_from_bytes(data: bytes, name: str, source: str) -> dict[str, torch.Tensor]:

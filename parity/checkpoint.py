@@ -7,34 +7,16 @@ names the problem and the fix.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from lora_format.json_files import read_json_object
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # The config.json fields parity sizes the batches and the LoRA shapes from; save_pretrained writes them all.
 GPT2_FIELDS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _PEFT_PREFIX = "base_model.model."
-
-
-def read_json_object(path: str | os.PathLike) -> dict:
-    """Reads a JSON file that must hold an object; the errors name the file.
-
-    Raises:
-        FileNotFoundError: ``path`` is not a file.
-        ValueError: not UTF-8 JSON, or not a JSON object.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; expected a JSON file there.")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the file is truncated or corrupt, save it again.") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(obj).__name__}; save the file again.")
-    return obj
 
 
 def read_gpt2_config(model_dir: str | os.PathLike) -> dict:

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from os import PathLike
 from pathlib import Path
@@ -35,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_format.json_files import read_json_object
 from lora_jax.gpt2.activations import ACTIVATIONS, LEARNED_ACTIVATIONS, UNSUPPORTED_ACTIVATIONS, PReLU
 
 Params = dict[str, Any]
@@ -145,13 +145,7 @@ def _read_hf_config(source: dict[str, Any] | str | PathLike) -> dict[str, Any]:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"No GPT-2 config at {path}; expected a HF config.json.")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint's config is damaged.") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path} must hold a JSON object (a GPT2Config), got {type(hf).__name__}.")
-    return hf
+    return read_json_object(path)
 
 
 def _check_activation(name: Any) -> None:
