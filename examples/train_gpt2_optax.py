@@ -51,7 +51,7 @@ from lora_jax.training.checkpoint import CheckpointMismatchError, TrainState, la
 from lora_jax.training.losses import eval_loss  # noqa: E402
 from lora_jax.training.text_data import WindowSampler, heldout_windows, split_heldout  # noqa: E402
 from train_guard import (EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_DIVERGED, BadInput, CheckFailed,  # noqa: E402
-                         Diverged, all_finite, check_args, check_model_config, check_vocab, read_text)
+                         Diverged, all_finite, check_args, check_vocab, read_text)
 from train_run_dir import RunDir, open_run_dir, start_state  # noqa: E402
 
 MAX_EVAL_WINDOWS = 128  # bounds eval time on big --data files; the default held-out text is smaller
@@ -168,10 +168,9 @@ def _load_base(args: argparse.Namespace) -> tuple[Path, Any, Any, Any]:
             model_dir = resolve_model_dir(args.model)
         except OSError as err:  # FileNotFoundError for a bad path, OSError for an unreachable hub id
             raise BadInput(f"--model {args.model}: {err}") from None
-        check_model_config(model_dir)
     try:
         config, frozen = load_gpt2(model_dir)
-    except (OSError, ValueError) as err:  # missing weights, unsupported config, mis-shaped tensors
+    except (OSError, ValueError) as err:  # missing weights, a bad config.json, mis-shaped tensors
         raise BadInput(f"--model {model_dir}: {err}") from None
     try:
         tokenizer = load_tokenizer(model_dir)

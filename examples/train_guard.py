@@ -21,7 +21,6 @@ turned into :class:`BadInput`, at the call that reads the input.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -99,21 +98,6 @@ def read_text(path: Path) -> str:
     if not text.strip():
         raise BadInput(f"--data {path} holds no text; pass a file with the text to fine-tune on.")
     return text
-
-
-def check_model_config(model_dir: Path) -> None:
-    """``config.json`` must be a JSON object before ``load_gpt2`` reads it (it reports neither case clearly)."""
-    file = model_dir / "config.json"
-    if not file.is_file():
-        raise BadInput(f"--model {model_dir} has no config.json; pass a GPT-2 checkpoint directory (config.json, "
-                       "model.safetensors, tokenizer.json).")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadInput(f"--model {file} is not valid JSON ({err}); restore the checkpoint's config.json.") from None
-    if not isinstance(config, dict):
-        raise BadInput(f"--model {file} must hold a JSON object, got {type(config).__name__}; restore the "
-                       "checkpoint's config.json.")
 
 
 def check_vocab(model_dir: Path, model_vocab: int, tokenizer_vocab: int, *token_streams: np.ndarray) -> None:

@@ -319,7 +319,7 @@ def _bigger_tokenizer(model: Path) -> None:
 @pytest.mark.parametrize("case, message", [
     ("no_model", "--model {tmp}/absent: {tmp}/absent is not a model directory"),
     ("no_tokenizer", "has no usable tokenizer"),
-    ("config_list", "config.json must hold a JSON object, got list"),
+    ("config_list", "config.json must hold a JSON object, found list"),
     ("config_not_json", "config.json is not valid JSON"),
     ("tokenizer_too_big", "the tokenizer has 400 tokens ... but the model's vocab_size is 300"),
     ("binary_data", "--data {tmp}/weights.bin is not UTF-8 text (byte 0x80 at offset 3)"),
