@@ -9,6 +9,7 @@ trainable params: 44 || all params: 102 || trainable%: 43.1373
 44
 """
 
+from lora_torch.dora import Conv1DWithDoRA, DoRALayer, LinearWithDoRA
 from lora_torch.inject import find_target_modules, inject_lora, lora_module_names, lora_wrappers
 from lora_torch.layers import Conv1DWithLoRA, LinearWithLoRA, LoRALayer, LoRAWrapper, lora_scaling
 from lora_torch.loraplus import create_loraplus_param_groups
@@ -24,7 +25,10 @@ from lora_torch.trainable import (
 )
 
 __all__ = [
+    "Conv1DWithDoRA",
     "Conv1DWithLoRA",
+    "DoRALayer",
+    "LinearWithDoRA",
     "LinearWithLoRA",
     "LoRALayer",
     "LoRAWrapper",

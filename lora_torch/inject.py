@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lora_format.patterns import Pattern, module_rank_alpha, normalise_pattern
+from lora_torch.dora import DORA_WRAPPER_FOR_TYPE
 from lora_torch.layers import WRAPPER_FOR_TYPE, LoRAWrapper, check_lora_settings
 from lora_torch.targeting import (
     TargetModules,
@@ -20,7 +21,13 @@ from lora_torch.targeting import (
 
 logger = logging.getLogger(__name__)
 
-_SUPPORTED = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in WRAPPER_FOR_TYPE)
+
+
+def _names(types) -> str:
+    return ", ".join(f"{t.__module__}.{t.__qualname__}" for t in types)
+
+
+_SUPPORTED = _names(WRAPPER_FOR_TYPE)
 
 
 def lora_wrappers(model: nn.Module) -> dict[str, LoRAWrapper]:
@@ -90,8 +97,11 @@ def find_target_modules(
     return matched
 
 
-def check_wrappable(matched: list[tuple[str, nn.Module]]) -> None:
-    """Raises unless every matched module is an ``nn.Linear`` / ``Conv1D`` that has no LoRA yet."""
+def check_wrappable(matched: list[tuple[str, nn.Module]], *, use_dora: bool = False) -> None:
+    """Raises unless every matched module is a supported layer that has no LoRA yet.
+
+    With ``use_dora`` the supported layers are DoRA's (``nn.Linear`` and ``Conv1D``).
+    """
     wrapped = [name for name, module in matched if isinstance(module, LoRAWrapper)]
     if wrapped:
         # Raising (rather than skipping) keeps one adapter per module: a nested wrapper would
@@ -103,10 +113,16 @@ def check_wrappable(matched: list[tuple[str, nn.Module]]) -> None:
     if unsupported:
         raise TypeError(f"target_modules matched modules of unsupported type: {unsupported}. Supported types: "
                         f"{_SUPPORTED}. Name the linear layers inside them instead (e.g. 'c_attn', not 'attn').")
+    no_dora = [f"{name} ({type(module).__name__})" for name, module in matched
+               if not isinstance(module, tuple(DORA_WRAPPER_FOR_TYPE))]
+    if use_dora and no_dora:
+        raise ValueError(f"use_dora=True is supported on {_names(DORA_WRAPPER_FOR_TYPE)} only, and target_modules "
+                         f"matched {no_dora}. Leave those modules out of target_modules, or use plain LoRA "
+                         "(use_dora=False).")
 
 
-def _wrap(module: nn.Module, **lora_kwargs) -> LoRAWrapper:
-    for base_type, wrapper_type in WRAPPER_FOR_TYPE.items():
+def _wrap(module: nn.Module, use_dora: bool, **lora_kwargs) -> LoRAWrapper:
+    for base_type, wrapper_type in (DORA_WRAPPER_FOR_TYPE if use_dora else WRAPPER_FOR_TYPE).items():
         if isinstance(module, base_type):
             return wrapper_type(module, **lora_kwargs)
     raise TypeError(f"cannot wrap {type(module).__name__}; supported types: {_SUPPORTED}.")
@@ -120,6 +136,7 @@ def inject_lora(
     *,
     dropout: float = 0.0,
     use_rslora: bool = False,
+    use_dora: bool = False,
     layers_to_transform: int | Sequence[int] | None = None,
     layers_pattern: str | Sequence[str] | None = None,
     rank_pattern: dict[str, int] | Pattern | None = None,
@@ -139,6 +156,8 @@ def inject_lora(
         lora_alpha: LoRA ``alpha``; the branch is scaled by ``alpha / r``.
         dropout: dropout probability on the LoRA branch's input.
         use_rslora: scale by ``alpha / sqrt(r)``.
+        use_dora: DoRA (``lora_torch.dora``): wrap with ``LinearWithDoRA`` / ``Conv1DWithDoRA``, which add a
+            trainable magnitude per output feature. Only ``nn.Linear`` and ``Conv1D`` support it.
         layers_to_transform: keep only modules in these layer indices (``h.{i}``), as PEFT does.
             Not allowed with a regex string: PEFT ignores it there, so put the index in the regex.
         layers_pattern: the name of the layer list (``"h"`` for GPT-2) when the default rule,
@@ -156,7 +175,8 @@ def inject_lora(
 
     Raises:
         ValueError: nothing matched (the message lists candidates), a module already has LoRA,
-            a setting is out of range, or a pattern key does not compile as a regex.
+            a setting is out of range, a pattern key does not compile as a regex, or ``use_dora`` with a
+            module DoRA does not support.
         TypeError: a matched module is neither ``nn.Linear`` nor ``Conv1D``, or ``target_modules``,
             ``layers_to_transform``, ``layers_pattern`` or a pattern has the wrong type.
 
@@ -173,17 +193,19 @@ def inject_lora(
     check_layers_to_transform(layers_to_transform)
     check_layers_pattern(layers_pattern)
     check_lora_settings(rank, lora_alpha, dropout)
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be True or False, got {use_dora!r}.")
     rank_pattern = normalise_pattern(rank_pattern, "rank_pattern", integer=True)
     alpha_pattern = normalise_pattern(alpha_pattern, "alpha_pattern", integer=False)
     if isinstance(target_modules, str) and layers_to_transform is not None:
         raise ValueError("layers_to_transform does not apply to a regex target_modules (PEFT ignores it there); "
                          r"put the layer index in the regex, e.g. r'.*\.h\.(0|1)\.attn\.c_attn'.")
     matched = find_target_modules(model, target_modules, layers_to_transform, layers_pattern)
-    check_wrappable(matched)
+    check_wrappable(matched, use_dora=use_dora)
     wrappers = {}
     for name, module in matched:
         module_rank, module_alpha = module_rank_alpha(name, rank, lora_alpha, rank_pattern, alpha_pattern)
-        wrappers[name] = _wrap(module, rank=module_rank, lora_alpha=module_alpha, dropout=dropout,
+        wrappers[name] = _wrap(module, use_dora, rank=module_rank, lora_alpha=module_alpha, dropout=dropout,
                                use_rslora=use_rslora)
     for name, wrapper in wrappers.items():
         parent_name, _, child_name = name.rpartition(".")
@@ -191,6 +213,6 @@ def inject_lora(
     if verbose:
         patterns = f", rank_pattern={dict(rank_pattern)}, alpha_pattern={dict(alpha_pattern)}" \
             if rank_pattern or alpha_pattern else ""
-        logger.info("inject_lora: replaced %d modules (rank=%d, alpha=%g%s): %s", len(wrappers), rank, lora_alpha,
-                    patterns, ", ".join(wrappers))
+        logger.info("inject_lora: replaced %d modules (rank=%d, alpha=%g%s%s): %s", len(wrappers), rank, lora_alpha,
+                    patterns, ", DoRA" if use_dora else "", ", ".join(wrappers))
     return model

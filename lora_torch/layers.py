@@ -13,6 +13,7 @@ identity.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -79,6 +80,8 @@ class LoRALayer(nn.Module):
     0.0
     """
 
+    use_dora: ClassVar[bool] = False  # DoRALayer (lora_torch.dora) sets it; the adapter config records it
+
     def __init__(
         self,
         in_features: int,
@@ -124,7 +127,13 @@ class LoRALayer(nn.Module):
 
 
 class LoRAWrapper(nn.Module):
-    """Base class of the wrappers: a frozen ``base_layer`` plus a ``lora`` branch, summed."""
+    """Base class of the wrappers: a frozen ``base_layer`` plus a ``lora`` branch, summed.
+
+    Subclasses say how the base weight relates to the (in, out) kernel orientation of DESIGN.md
+    (``base_kernel`` and ``weight_from_kernel``), and which branch class they build (``branch_type``).
+    """
+
+    branch_type: ClassVar[type[LoRALayer]] = LoRALayer
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, lora: LoRALayer) -> None:
         super().__init__()
@@ -144,17 +153,33 @@ class LoRAWrapper(nn.Module):
         """The frozen base bias (``None`` when the base has none)."""
         return self.base_layer.bias
 
+    def base_kernel(self) -> torch.Tensor:
+        """The base weight in kernel orientation (in, out); a view, not a copy."""
+        return self.base_layer.weight
+
+    def weight_from_kernel(self, kernel: torch.Tensor) -> torch.Tensor:
+        """Turns an (in, out) kernel into the base weight's orientation (the inverse of ``base_kernel``)."""
+        return kernel
+
     def delta_weight(self) -> torch.Tensor:
         """Returns the merged update in the base weight's orientation (overridden per layer type)."""
         return self.lora.delta_kernel()
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight a merge writes, in the base weight's orientation, as float32: ``W0 + delta_weight()``.
+
+        Summed in float32 at least, so a half-precision base is rounded once (by the merge), not twice.
+        """
+        return self.base_layer.weight.float() + self.delta_weight().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Sum, not composition: the tutorial's lora(linear(x)) applied a second random matrix.
         return self.base_layer(x) + self.lora(x)
 
 
-def _branch_for(weight: torch.Tensor, in_features: int, out_features: int, **lora_kwargs) -> LoRALayer:
-    return LoRALayer(in_features, out_features, device=weight.device, dtype=weight.dtype, **lora_kwargs)
+def _branch_for(branch_type: type[LoRALayer], weight: torch.Tensor, in_features: int, out_features: int,
+                **lora_kwargs) -> LoRALayer:
+    return branch_type(in_features, out_features, device=weight.device, dtype=weight.dtype, **lora_kwargs)
 
 
 class LinearWithLoRA(LoRAWrapper):
@@ -184,9 +209,16 @@ class LinearWithLoRA(LoRAWrapper):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LinearWithLoRA wraps torch.nn.Linear, got {type(linear).__name__}; "
                             "use Conv1DWithLoRA for transformers' Conv1D.")
-        lora = _branch_for(linear.weight, linear.in_features, linear.out_features,
+        lora = _branch_for(type(self).branch_type, linear.weight, linear.in_features, linear.out_features,
                            rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora)
         super().__init__(linear, linear.in_features, linear.out_features, lora)
+
+    def base_kernel(self) -> torch.Tensor:
+        # nn.Linear stores (out, in); the kernel orientation is (in, out).
+        return self.base_layer.weight.T
+
+    def weight_from_kernel(self, kernel: torch.Tensor) -> torch.Tensor:
+        return kernel.T
 
     def delta_weight(self) -> torch.Tensor:
         # nn.Linear stores (out, in), so the (in, out) update is transposed.
@@ -221,7 +253,7 @@ class Conv1DWithLoRA(LoRAWrapper):
             raise TypeError(f"Conv1DWithLoRA wraps transformers.pytorch_utils.Conv1D, got "
                             f"{type(conv1d).__name__}; use LinearWithLoRA for torch.nn.Linear.")
         in_features, out_features = conv1d.weight.shape
-        lora = _branch_for(conv1d.weight, in_features, out_features,
+        lora = _branch_for(type(self).branch_type, conv1d.weight, in_features, out_features,
                            rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora)
         super().__init__(conv1d, in_features, out_features, lora)
 

@@ -3,8 +3,8 @@
 The grouping is PEFT 0.21's ``create_loraplus_optimizer`` (``peft/optimizers/loraplus.py``), applied to
 lora_torch's parameter names (``<module>.lora.lora_A`` / ``<module>.lora.lora_B``):
 
-- every trainable ``lora_B``, and every trainable 1-D parameter (a bias or LayerNorm weight left
-  trainable), steps at ``lr * ratio``; among them, names with ``bias`` and parameters of LayerNorm
+- every trainable ``lora_B``, and every trainable 1-D parameter (DoRA's magnitude ``lora.magnitude``,
+  or a bias or LayerNorm weight left trainable), steps at ``lr * ratio``; among them, names with ``bias`` and parameters of LayerNorm
   layers get weight decay 0 (PEFT's ``groupB_no_decay``);
 - every other trainable parameter (the ``lora_A`` matrices) steps at ``lr`` with ``weight_decay``.
 

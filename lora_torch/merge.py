@@ -2,7 +2,8 @@
 
 ``merge_lora_weights`` replaces every wrapper with a copy of its base layer (a plain ``nn.Linear``
 or ``Conv1D``) whose weight is ``W0 + s * (A @ B).T`` (Linear, (out, in)) or ``W0 + s * A @ B``
-(Conv1D, (in, out)). Subtracting the update again would not give ``W0`` back bit for bit (float
+(Conv1D, (in, out)); a DoRA wrapper writes ``(m / ||W0 + s A B||) * (W0 + s A B)`` instead
+(``lora_torch.dora``). Subtracting the update again would not give ``W0`` back bit for bit (float
 rounding), so by default the merged layer keeps a reference to its wrapper, whose ``base_layer``
 still holds the untouched ``W0``; ``unmerge_lora_weights`` puts the wrapper back, exactly.
 """
@@ -26,9 +27,8 @@ def _merged_layer(wrapper: LoRAWrapper, keep_for_unmerge: bool) -> nn.Module:
     base = wrapper.base_layer
     merged = copy.deepcopy(base) if keep_for_unmerge else base
     with torch.no_grad():
-        # Sum in float32 at least, so a half-precision base is rounded once, not twice.
-        summed = merged.weight.float() + wrapper.delta_weight().float()
-        merged.weight.copy_(summed.to(merged.weight.dtype))
+        # Computed from the wrapper's own base_layer before anything is written (in place when not kept).
+        merged.weight.copy_(wrapper.merged_weight().to(merged.weight.dtype))
     if keep_for_unmerge:
         object.__setattr__(merged, _UNMERGE_ATTR, wrapper)
     return merged

@@ -1,7 +1,8 @@
 """PEFT's adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Tensor keys are ``base_model.model.<module>.lora_A.weight`` holding ``A.T`` (r, in) and
-``...lora_B.weight`` holding ``B.T`` (out, r), float32, exactly what ``peft`` writes and reads.
+``...lora_B.weight`` holding ``B.T`` (out, r), float32, exactly what ``peft`` writes and reads; a DoRA
+module adds ``...lora_magnitude_vector`` (out,). The keys come from ``lora_format.peft_keys``, shared with lora_jax.
 
 Saving and reading go through ``lora_format.adapter_dir``: a save replaces the whole directory in
 one atomic step, a read takes both files from one save, and the weights' metadata records the
@@ -26,36 +27,38 @@ from lora_format.adapter_dir import (
     save_adapter_dir,
     weights_metadata,
 )
+from lora_format.peft_keys import KEY_PREFIX, LORA_A, LORA_B, LORA_MAGNITUDE, module_key
 from lora_torch.inject import check_wrappable, find_target_modules, inject_lora, lora_wrappers
 from lora_torch.layers import LoRAWrapper, lora_scaling
 from lora_torch.lora_weights import check_tensors_fit
 from lora_torch.peft_config import AdapterSpec, build_adapter_config, parse_adapter_config
 from lora_torch.tensor_files import parse_json, tensors_from_bytes
 
-__all__ = ["CONFIG_NAME", "PICKLED_WEIGHTS_NAME", "WEIGHTS_NAME", "load_adapter", "peft_keys", "peft_state_dict",
-           "save_adapter"]
-
-KEY_PREFIX = "base_model.model."
+__all__ = ["CONFIG_NAME", "KEY_PREFIX", "PICKLED_WEIGHTS_NAME", "WEIGHTS_NAME", "load_adapter", "peft_keys",
+           "peft_state_dict", "save_adapter"]
 
 
 def peft_keys(module_name: str) -> tuple[str, str]:
-    """Returns the PEFT tensor keys of a module's A and B.
+    """Returns the PEFT tensor keys of a module's A and B (``lora_format.peft_keys.module_key``).
 
     >>> peft_keys("transformer.h.0.attn.c_attn")[1]
     'base_model.model.transformer.h.0.attn.c_attn.lora_B.weight'
     """
-    stem = f"{KEY_PREFIX}{module_name}"
-    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+    return module_key(module_name, LORA_A), module_key(module_name, LORA_B)
+
+
+def _peft_tensors(wrapper: LoRAWrapper) -> dict[str, torch.Tensor]:
+    """A wrapper's tensors by PEFT part, in PEFT's layout (live parameters, not copies)."""
+    parts = {LORA_A: wrapper.lora.lora_A.T, LORA_B: wrapper.lora.lora_B.T}
+    if wrapper.lora.use_dora:
+        parts[LORA_MAGNITUDE] = wrapper.lora.magnitude
+    return parts
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Returns the model's LoRA tensors under PEFT keys and layouts (A.T, B.T), as float32."""
-    state = {}
-    for name, wrapper in lora_wrappers(model).items():
-        key_a, key_b = peft_keys(name)
-        state[key_a] = wrapper.lora.lora_A.detach().T.float()
-        state[key_b] = wrapper.lora.lora_B.detach().T.float()
-    return state
+    """Returns the model's LoRA tensors under PEFT keys and layouts (A.T, B.T, DoRA's m), as float32."""
+    return {module_key(name, part): tensor.detach().float()
+            for name, wrapper in lora_wrappers(model).items() for part, tensor in _peft_tensors(wrapper).items()}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
@@ -66,7 +69,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
     weights record the sha256 of their config, which ``load_adapter`` checks.
 
     Args:
-        model: a model with LoRA injected (one dropout/use_rslora for all modules; ranks and alphas may
+        model: a model with LoRA injected (one dropout/use_rslora/use_dora for all modules; ranks and alphas may
             differ per module, and are written as ``rank_pattern`` / ``alpha_pattern``).
         directory: destination directory (created if needed). It may hold a previous adapter and a
             ``README.md`` (kept); anything else is refused, since the directory is replaced whole.
@@ -104,10 +107,12 @@ def _check_compatible(model: nn.Module, existing: dict[str, LoRAWrapper], spec: 
     selected = [name for name, _ in find_target_modules(model, spec.target_modules, spec.layers_to_transform,
                                                          spec.layers_pattern)]
     same_modules = sorted(selected) == sorted(existing)
-    same_settings = all(_same_rank_and_scaling(name, wrapper, spec) for name, wrapper in existing.items())
+    same_settings = all(_same_rank_and_scaling(name, wrapper, spec) and wrapper.lora.use_dora == spec.use_dora
+                        for name, wrapper in existing.items())
     if not (same_modules and same_settings):
         raise ValueError(f"{source} does not match the LoRA already in the model (modules {sorted(existing)[:3]}..., "
-                         f"rank/scaling of each); load it into the plain base model instead, or merge first.")
+                         f"rank/scaling of each, DoRA or not; the file has use_dora={spec.use_dora}); load it into "
+                         "the plain base model instead, or merge first.")
 
 
 def _expected_shapes(modules: dict[str, nn.Module], spec: AdapterSpec) -> dict[str, torch.Tensor]:
@@ -116,9 +121,10 @@ def _expected_shapes(modules: dict[str, nn.Module], spec: AdapterSpec) -> dict[s
     for name, module in modules.items():
         in_features, out_features = _in_out(module)
         rank, _ = spec.module_rank_alpha(name)
-        key_a, key_b = peft_keys(name)
-        expected[key_a] = torch.empty(rank, in_features, device="meta")
-        expected[key_b] = torch.empty(out_features, rank, device="meta")
+        expected[module_key(name, LORA_A)] = torch.empty(rank, in_features, device="meta")
+        expected[module_key(name, LORA_B)] = torch.empty(out_features, rank, device="meta")
+        if spec.use_dora:
+            expected[module_key(name, LORA_MAGNITUDE)] = torch.empty(out_features, device="meta")
     return expected
 
 
@@ -126,8 +132,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, allow_nonfin
     """Loads a PEFT LoRA adapter directory into ``model``; returns ``model``.
 
     A plain model gets LoRA injected as the config says, each module at the rank and alpha that
-    ``rank_pattern`` / ``alpha_pattern`` give it; a model that already carries exactly that LoRA (same
-    modules, and each module's rank and scaling) has its weights overwritten. Both files are read from one
+    ``rank_pattern`` / ``alpha_pattern`` give it (DoRA wrappers when the config has ``use_dora``, whose
+    magnitudes are loaded too); a model that already carries exactly that LoRA (same modules, each
+    module's rank and scaling, DoRA or not) has its weights overwritten. Both files are read from one
     save even if another save replaces the directory meanwhile. The config, the config digest the
     weights record (if any), every tensor name, shape, dtype and value are checked before the model
     is touched, so any error leaves it unchanged.
@@ -155,17 +162,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, allow_nonfin
         modules = existing
     else:
         matched = find_target_modules(model, spec.target_modules, spec.layers_to_transform, spec.layers_pattern)
-        check_wrappable(matched)
+        check_wrappable(matched, use_dora=spec.use_dora)
         modules = dict(matched)
     check_tensors_fit(_expected_shapes(modules, spec), tensors, source, allow_nonfinite=allow_nonfinite)
     if not existing:
         inject_lora(model, spec.target_modules, spec.rank, spec.lora_alpha, dropout=spec.dropout,
-                    use_rslora=spec.use_rslora, layers_to_transform=spec.layers_to_transform,
+                    use_rslora=spec.use_rslora, use_dora=spec.use_dora, layers_to_transform=spec.layers_to_transform,
                     layers_pattern=spec.layers_pattern, rank_pattern=spec.rank_pattern,
                     alpha_pattern=spec.alpha_pattern, verbose=False)
     with torch.no_grad():
         for name, wrapper in lora_wrappers(model).items():
-            key_a, key_b = peft_keys(name)
-            wrapper.lora.lora_A.copy_(tensors[key_a].T)
-            wrapper.lora.lora_B.copy_(tensors[key_b].T)
+            for part, destination in _peft_tensors(wrapper).items():
+                destination.copy_(tensors[module_key(name, part)])  # a transposed view writes through
     return model

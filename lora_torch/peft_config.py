@@ -1,7 +1,7 @@
 """PEFT's ``adapter_config.json``: build it from an injected model, and read it back strictly.
 
 Reading applies ``lora_format.peft_fields``, the table lora_jax reads with too: the PEFT features
-this package does not implement (DoRA, trained biases, extra saved modules...) are refused instead of
+this package does not implement (trained biases, extra saved modules...) are refused instead of
 silently dropped, and a missing ``r`` or ``lora_alpha`` is an error. ``rank_pattern`` and
 ``alpha_pattern`` are read into the ``AdapterSpec``; ``lora_format.patterns`` applies them.
 
@@ -36,6 +36,7 @@ class AdapterSpec:
     dropout: float
     use_rslora: bool
     target_modules: TargetModules
+    use_dora: bool = False
     layers_to_transform: int | Sequence[int] | None = None
     layers_pattern: str | Sequence[str] | None = None
     rank_pattern: Pattern = ()
@@ -77,7 +78,7 @@ def _uniform(wrappers: dict[str, LoRAWrapper], attribute: str):
     if len(values) != 1:
         raise ValueError(f"LoRA modules use different {attribute} values {sorted(values)}; PEFT's adapter_config.json "
                          "holds one setting for all modules (only rank and alpha can vary, through rank_pattern and "
-                         "alpha_pattern). Inject with one dropout/use_rslora.")
+                         "alpha_pattern). Inject with one dropout/use_rslora/use_dora.")
     return values.pop()
 
 
@@ -130,7 +131,7 @@ def build_adapter_config(model: nn.Module, base_model_name_or_path: str | None =
     Modules with different ranks or alphas are described by ``describe_ranks``.
 
     Raises:
-        ValueError: no LoRA in the model, or modules with different dropout or rsLoRA settings.
+        ValueError: no LoRA in the model, or modules with different dropout, rsLoRA or DoRA settings.
     """
     wrappers = lora_wrappers(model)
     if not wrappers:
@@ -150,7 +151,7 @@ def build_adapter_config(model: nn.Module, base_model_name_or_path: str | None =
         # GPT-2's Conv1D stores (in, out); PEFT needs this flag to merge it without a transpose.
         "fan_in_fan_out": any(isinstance(w, Conv1DWithLoRA) for w in wrappers.values()),
         "bias": "none",
-        "use_dora": False,
+        "use_dora": _uniform(wrappers, "use_dora"),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "modules_to_save": None,
@@ -180,6 +181,7 @@ def parse_adapter_config(config: dict, source: str) -> AdapterSpec:
         lora_alpha=fields.alpha,
         dropout=fields.dropout,
         use_rslora=fields.use_rslora,
+        use_dora=fields.use_dora,
         target_modules=fields.target_modules,
         layers_to_transform=fields.layers_to_transform,
         layers_pattern=fields.layers_pattern,

@@ -128,7 +128,9 @@ def _edit_tensors(directory, edit):
     (lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:300]),
      ValueError, "truncated or corrupt"),
     (lambda d: _write_config(d, '{"peft_type": "LO'), ValueError, "not valid JSON"),
-    (lambda d: _edit_config(d, use_dora=True), ValueError, "use_dora"),
+    # A DoRA config needs a magnitude per module; this plain adapter has none.
+    (lambda d: _edit_config(d, use_dora=True), ValueError, r"missing 4 tensors, e\.g\. \['base_model\.model\."
+                                                           r"transformer\.h\.0\.attn\.c_attn\.lora_magnitude_vector'"),
     (lambda d: _edit_config(d, peft_type="IA3"), ValueError, "peft_type"),
     (lambda d: _edit_config(d, r=4), ValueError, r"shape \(2, 32\), the model needs \(4, 32\)"),
     (lambda d: _edit_config(d, layers_to_transform=[0], layers_pattern=7), ValueError, "layers_pattern must be None"),
