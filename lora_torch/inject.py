@@ -6,7 +6,9 @@ import logging
 from collections.abc import Sequence
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from lora_format.all_linear import ALL_LINEAR, expand_all_linear, is_all_linear
 from lora_format.patterns import Pattern, module_rank_alpha, normalise_pattern
 from lora_torch.dora import DORA_WRAPPER_FOR_TYPE
 from lora_torch.layers import WRAPPER_FOR_TYPE, LoRAWrapper, check_lora_settings
@@ -57,6 +59,30 @@ def targetable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return kept
 
 
+def _output_layer_names(model: nn.Module) -> list[str]:
+    """The name of the module ``model.get_output_embeddings()`` returns (``lm_head``), if the model has one."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if not isinstance(output, nn.Module):
+        return []
+    return [name for name, module in model.named_modules() if module is output]
+
+
+def all_linear_targets(model: nn.Module) -> tuple[str, ...]:
+    """The full names PEFT's ``target_modules="all-linear"`` selects: every ``nn.Linear`` / ``Conv1D``
+    (or a LoRA wrapper of one) but the output layer ``model.get_output_embeddings()`` returns.
+
+    The rule is ``lora_format.all_linear``'s, PEFT 0.21's ``_maybe_include_all_linear_layers``.
+
+    >>> all_linear_targets(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)))
+    ('0', '2')
+    """
+    linear_types = (nn.Linear, Conv1D)  # PEFT's linear classes; embeddings are never "linear"
+    names = [name for name, module in targetable_modules(model) if isinstance(module, linear_types) or (
+        isinstance(module, LoRAWrapper) and isinstance(module.base_layer, linear_types))]
+    return expand_all_linear(names, _output_layer_names(model))
+
+
 def select_modules(
     model: nn.Module,
     target_modules: TargetModules,
@@ -67,7 +93,12 @@ def select_modules(
 
     >>> [name for name, _ in select_modules(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), ["1", "2"])]
     ['1']
+    >>> [name for name, _ in select_modules(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "ALL-linear")]
+    ['0']
     """
+    if is_all_linear(target_modules):
+        # Full names, as PEFT expands it: exact names are not filtered by layers_to_transform.
+        target_modules = all_linear_targets(model)
     return [(name, module) for name, module in targetable_modules(model)
             if name and module_is_targeted(name, target_modules, layers_to_transform, layers_pattern)]
 
@@ -151,7 +182,9 @@ def inject_lora(
     Args:
         model: the model to adapt (modified in place).
         target_modules: a list of module names (exact dotted name or ``"." + suffix`` match), or one
-            regex string fullmatched against dotted names. Same rule as PEFT.
+            regex string fullmatched against dotted names. Same rule as PEFT. ``"all-linear"`` (any case)
+            is PEFT's shorthand: every ``nn.Linear`` / ``Conv1D`` but the output layer
+            (``model.get_output_embeddings()``, e.g. GPT-2's ``lm_head``); see ``all_linear_targets``.
         rank: LoRA rank ``r``.
         lora_alpha: LoRA ``alpha``; the branch is scaled by ``alpha / r``.
         dropout: dropout probability on the LoRA branch's input.
@@ -197,6 +230,10 @@ def inject_lora(
         raise TypeError(f"use_dora must be True or False, got {use_dora!r}.")
     rank_pattern = normalise_pattern(rank_pattern, "rank_pattern", integer=True)
     alpha_pattern = normalise_pattern(alpha_pattern, "alpha_pattern", integer=False)
+    if is_all_linear(target_modules) and layers_to_transform is not None:
+        raise ValueError(f"layers_to_transform does not apply to target_modules={ALL_LINEAR!r} (PEFT expands it to "
+                         "full module names, which it does not filter by layer); list the modules instead, e.g. "
+                         '["c_attn", "c_proj", "c_fc"] with layers_to_transform.')
     if isinstance(target_modules, str) and layers_to_transform is not None:
         raise ValueError("layers_to_transform does not apply to a regex target_modules (PEFT ignores it there); "
                          r"put the layer index in the regex, e.g. r'.*\.h\.(0|1)\.attn\.c_attn'.")
