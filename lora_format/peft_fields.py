@@ -22,8 +22,8 @@ Example:
     >>> read_adapter_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"],
     ...                      "rank_pattern": {"c_fc": 6}, "alpha_pattern": {"c_fc": 3}}, "a.json").alpha_pattern
     (('c_fc', 3.0),)
-    >>> FIELDS["use_dora"].kind is Kind.REFUSED, FIELDS["use_dora"].neutral
-    (True, (False, None))
+    >>> FIELDS["modules_to_save"].kind is Kind.REFUSED, FIELDS["modules_to_save"].neutral
+    (True, (None, []))
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from collections.abc import Collection, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from lora_format.all_linear import ALL_LINEAR, is_all_linear
 from lora_format.patterns import Pattern, normalise_pattern
 
 _log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ FIELDS: Mapping[str, FieldRule] = MappingProxyType({
     "eva_config": _ignored("EVA init settings; EVA only sets the initial A, which the saved weights replace"),
     "corda_config": _ignored("CorDA init settings; corda is refused through init_lora_weights"),
     "lora_ga_config": _ignored("LoRA-GA init settings; lora_ga is refused through init_lora_weights"),
-    "use_dora": _refused((False, None), "DoRA rescales each output feature by a learned magnitude vector"),
+    "use_dora": _supported("DoRA: a learned magnitude per output feature rescales W0 + s B A by its detached column "
+                           "norm; saved as lora_magnitude_vector"),
     "velora_config": _refused((None,), "VeLoRA replaces the A projection's backward pass (compressed activations)"),
     "alora_invocation_tokens": _refused(
         (None,), "aLoRA applies the adapter only from the invocation tokens on; a plain load applies it everywhere"),
@@ -143,10 +145,12 @@ class AdapterFields:
         alpha: ``lora_alpha`` as a float, finite and > 0.
         dropout: ``lora_dropout``, in [0, 1); 0.0 when absent.
         use_rslora: scale by ``alpha / sqrt(rank)``; False when absent.
-        target_modules: a tuple of names (suffix match) or one regex string (fullmatch).
+        target_modules: a tuple of names (suffix match), one regex string (fullmatch), or
+            ``lora_format.all_linear.ALL_LINEAR`` for PEFT's ``"all-linear"`` (in any case).
         layers_to_transform: a tuple of layer indices, or None for every layer.
         layers_pattern: the layer-list name(s), or None.
         fan_in_fan_out: PEFT's flag for (in, out) base weights; False when absent.
+        use_dora: DoRA (a magnitude vector per adapted module); False when absent or null.
         rank_pattern: ``(regex, rank)`` pairs in the file's order; ``()`` when absent, null or ``{}``.
             ``lora_format.patterns.module_rank_alpha`` applies them.
         alpha_pattern: ``(regex, alpha)`` pairs in the file's order, alphas as floats.
@@ -161,6 +165,7 @@ class AdapterFields:
     layers_to_transform: tuple[int, ...] | None
     layers_pattern: tuple[str, ...] | str | None
     fan_in_fan_out: bool
+    use_dora: bool = False
     rank_pattern: Pattern = ()
     alpha_pattern: Pattern = ()
     raw: Mapping[str, Any] = dataclasses.field(compare=False, repr=False)
@@ -169,7 +174,7 @@ class AdapterFields:
 def is_neutral(rule: FieldRule, value: Any) -> bool:
     """Whether ``value`` is one of ``rule``'s neutral values, compared by type and value.
 
-    >>> is_neutral(FIELDS["use_dora"], False), is_neutral(FIELDS["use_dora"], 0)
+    >>> is_neutral(FIELDS["lora_bias"], False), is_neutral(FIELDS["lora_bias"], 0)
     (True, False)
     """
     return any(type(value) is type(neutral) and value == neutral for neutral in rule.neutral)
@@ -213,9 +218,8 @@ def _require(meta: Mapping[str, Any], name: str, source: str, why: str) -> Any:
 
 
 def _targets(value: Any, source: str) -> tuple[str, ...] | str:
-    if value == "all-linear":
-        raise ValueError(f"{source}: target_modules='all-linear' is PEFT's shortcut for every linear layer but the "
-                         "output layer; list the adapted modules instead, e.g. [\"c_attn\", \"c_proj\", \"c_fc\"].")
+    if is_all_linear(value):
+        return ALL_LINEAR  # each half expands it (lora_format.all_linear)
     if isinstance(value, str):
         try:
             re.compile(value)
@@ -301,12 +305,12 @@ def read_adapter_config(meta: Any, source: str, *, supported: Collection[str] = 
 
     >>> try:
     ...     read_adapter_config({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["c_attn"],
-    ...                          "use_dora": True, "modules_to_save": ["lm_head"]}, "a.json")
+    ...                          "lora_bias": True, "modules_to_save": ["lm_head"]}, "a.json")
     ... except ValueError as err:
     ...     for line in str(err).splitlines()[1:3]:
     ...         print(line)
       - modules_to_save=['lm_head']: saves whole trained copies of extra modules (e.g. a classifier head) (plain LoRA has None or [])
-      - use_dora=True: DoRA rescales each output feature by a learned magnitude vector (plain LoRA has False or None)
+      - lora_bias=True: adds a trained bias to lora_B (plain LoRA has False or None)
     """
     if not isinstance(meta, Mapping):
         raise ValueError(f"{source} must hold a JSON object, got {type(meta).__name__}; is it an adapter_config.json?")
@@ -338,6 +342,7 @@ def read_adapter_config(meta: Any, source: str, *, supported: Collection[str] = 
         layers_to_transform=layers,
         layers_pattern=pattern,
         fan_in_fan_out=_read_flag(meta, "fan_in_fan_out", source),
+        use_dora=meta.get("use_dora") is not None and _read_flag(meta, "use_dora", source),  # PEFT reads null as off
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         raw=MappingProxyType(dict(meta)),

@@ -37,7 +37,7 @@ from lora_jax.counting import count_params, lora_param_count, trainable_summary
 from lora_jax.forward import lora_apply, lora_branch, lora_interception
 from lora_jax.initialize import a_init_bound, init_lora
 from lora_jax.loraplus import loraplus_optimizer
-from lora_jax.merge import lora_delta, merge, unmerge
+from lora_jax.merge import dora_weight_norms, lora_delta, merge, unmerge
 from lora_jax.partition import combine, split, trainable_labels, trainable_mask
 from lora_jax.targets import dotted_name, resolve_targets
 from lora_jax.training.losses import Batch, lm_loss, next_token_loss
@@ -79,6 +79,7 @@ __all__ = [
     "a_init_bound",
     "combine",
     "count_params",
+    "dora_weight_norms",
     "dotted_name",
     "init_lora",
     "lm_loss",

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 
 from lora_jax.config import LoraConfig
-from lora_jax.lora_tree import ModulePath, lora_modules
+from lora_jax.lora_tree import LORA_MAGNITUDE, ModulePath, lora_modules, magnitudes
 from lora_jax.targets import dotted_name
 
 
@@ -67,6 +67,10 @@ class Adapter:
         """
         return lora_modules(self.weights)
 
+    def magnitudes(self) -> dict[ModulePath, Any]:
+        """``{module_path: m}``: DoRA's magnitude vectors (out,), empty for plain LoRA."""
+        return magnitudes(self.weights)
+
     def scaling(self, path: ModulePath) -> float:
         """The factor ``s`` of ``s * (x A) B`` for the module at ``path``, from its own rank and alpha.
 
@@ -90,7 +94,8 @@ def checked_modules(adapter: Any) -> dict[ModulePath, tuple[Any, Any]]:
 
     Raises:
         TypeError: ``adapter`` is not an ``Adapter`` (a bare LoRA tree, or a config passed in its place).
-        ValueError: A module's ``A``/``B`` shapes disagree with the rank of the config.
+        ValueError: A module's ``A``/``B`` shapes disagree with the rank of the config, or its DoRA
+            magnitude is missing (``config.use_dora``), present without it, or not of shape (out,).
 
     >>> import numpy as np
     >>> cfg = LoraConfig(rank=2, target_modules=["m"])
@@ -113,4 +118,21 @@ def checked_modules(adapter: Any) -> dict[ModulePath, tuple[Any, Any]]:
                 f"says rank {rank}: the weights and the config do not belong together. Keep the config the "
                 "weights were made with (init_lora and load_adapter return both in one Adapter)."
             )
+    _check_magnitudes(adapter, modules)
     return modules
+
+
+def _check_magnitudes(adapter: Adapter, modules: Mapping[ModulePath, tuple[Any, Any]]) -> None:
+    found = adapter.magnitudes()
+    if adapter.config.use_dora and len(found) != len(modules):
+        missing = [dotted_name(p) for p in modules if p not in found]
+        raise ValueError(f"the config says use_dora=True but LoRA modules {missing[:4]} have no {LORA_MAGNITUDE!r}; "
+                         "build DoRA adapters with init_lora or load_adapter, which add it.")
+    if not adapter.config.use_dora and found:
+        raise ValueError(f"LoRA modules {[dotted_name(p) for p in found][:4]} hold a DoRA {LORA_MAGNITUDE!r} but "
+                         "the config says use_dora=False; keep the config the weights were made with.")
+    for path, m in found.items():
+        out = modules[path][1].shape[1]
+        if tuple(m.shape) != (out,):
+            raise ValueError(f"DoRA magnitude of {dotted_name(path)!r} has shape {tuple(m.shape)}, but its B "
+                             f"{tuple(modules[path][1].shape)} needs ({out},): one entry per output feature.")

@@ -22,7 +22,11 @@ import math
 import re
 from collections.abc import Sequence
 
+from lora_format.all_linear import ALL_LINEAR, is_all_linear
 from lora_format.patterns import Pattern, module_rank_alpha, module_scaling, normalise_pattern
+
+
+INIT_OPTIONS = (True, "gaussian", False)
 
 
 def _is_int(value: object) -> bool:
@@ -44,7 +48,9 @@ class LoraConfig:
         target_modules: A list or tuple of module names: an entry matches a module whose dotted
             name equals it or ends with ``"." + entry`` (``"c_proj"`` hits ``attn.c_proj`` and
             ``mlp.c_proj``, never ``c_proj_extra``). A single string is a regular expression
-            that must match the whole dotted name. Lists are stored as tuples.
+            that must match the whole dotted name. Lists are stored as tuples. ``"all-linear"`` (any
+            case) is PEFT's shorthand for every dense layer but the output layer
+            (``lora_jax.targets.resolve_targets``).
         dropout: Dropout probability on the LoRA branch input, in [0, 1).
         use_rslora: Scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of
             ``alpha / rank``.
@@ -60,6 +66,12 @@ class LoraConfig:
             ``rank``. Stored as a tuple of ``(key, rank)`` pairs, so the config stays hashable.
         alpha_pattern: PEFT's per-module alphas, matched the same way; default ``alpha``. Stored
             as ``(key, alpha)`` pairs with float alphas.
+        use_dora: DoRA (PEFT's ``use_dora``): each module also learns a magnitude ``m`` (out,), and
+            computes ``x (m / ||W0 + s A B||_c) * (W0 + s A B)`` with the column norm detached
+            (``lora_jax.dora``).
+        init_lora_weights: How ``init_lora`` makes fresh weights, as PEFT's option: ``True``
+            (``A ~ U(+-1/sqrt(in))``, ``B = 0``), ``"gaussian"`` (``A ~ N(0, 1/r^2)``, ``B = 0``) or
+            ``False`` (``B`` random too, so the adapter is not the identity; for tests).
 
     Raises:
         TypeError: A field has the wrong type.
@@ -75,13 +87,21 @@ class LoraConfig:
     layers_pattern: tuple[str, ...] | str | None = None
     rank_pattern: Pattern = ()
     alpha_pattern: Pattern = ()
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
 
     def __post_init__(self) -> None:
         _check_rank(self.rank)
         _check_alpha(self.alpha)
         _check_dropout(self.dropout)
-        if not isinstance(self.use_rslora, bool):
-            raise TypeError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}.")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"LoraConfig.{flag} must be a bool, got {getattr(self, flag)!r}.")
+        if not any(type(self.init_lora_weights) is type(option) and self.init_lora_weights == option
+                   for option in INIT_OPTIONS):  # by type too: 1 is not True
+            raise ValueError(f"LoraConfig.init_lora_weights must be one of {INIT_OPTIONS}, got "
+                             f"{self.init_lora_weights!r}; PEFT's other inits (pissa, olora, ...) change the base "
+                             "weights and are not implemented.")
         # The dataclass is frozen; normalising fields at construction is the one allowed write.
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules))
         layers = _normalise_layers(self.layers_to_transform)
@@ -141,6 +161,8 @@ def _check_dropout(dropout: object) -> None:
 
 
 def _normalise_targets(targets: object) -> tuple[str, ...] | str:
+    if is_all_linear(targets):
+        return ALL_LINEAR
     if isinstance(targets, str):
         try:
             re.compile(targets)

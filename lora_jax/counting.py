@@ -13,6 +13,8 @@ Example:
     60
     >>> lora_param_count(params, LoraConfig(rank=2, target_modules=["a"], rank_pattern={"a": 3}))
     90
+    >>> lora_param_count(params, LoraConfig(rank=2, target_modules=["a"], use_dora=True))
+    80
     >>> from lora_jax.adapter import Adapter
     >>> adapter = Adapter({"a": {"lora_A": np.zeros((10, 2)), "lora_B": np.zeros((2, 20))}}, LoraConfig(rank=2, target_modules=["a"]))
     >>> count_params(adapter)
@@ -44,10 +46,13 @@ def count_params(tree: Any) -> int:
 def lora_param_count(params: Mapping[str, Any], config: LoraConfig) -> int:
     """Trainable LoRA scalars ``sum r * (in + out)`` over the modules ``config`` targets, each at its own rank.
 
+    DoRA adds each module's magnitude vector, ``out`` more scalars.
+
     Raises:
         ValueError: As ``lora_jax.initialize.factor_shapes``.
     """
-    return sum(rank * (fan_in + fan_out) for fan_in, fan_out, rank in factor_shapes(params, config).values())
+    dora = 1 if config.use_dora else 0
+    return sum(rank * (fan_in + fan_out) + dora * fan_out for fan_in, fan_out, rank in factor_shapes(params, config).values())
 
 
 def trainable_summary(frozen: Any, adapter: Any) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The LoRA forward pass, added to any Flax model by intercepting ``nn.Dense`` calls.
 
 Inside ``lora_interception`` each ``flax.linen.Dense`` whose module path is in the LoRA tree
-returns ``x W0 + b + s * (dropout(x) A) B``. The model's code is untouched, its params stay
+returns ``x W0 + b + s * (dropout(x) A) B`` (a DoRA module: ``lora_jax.dora.dora_output``). The model's code is untouched, its params stay
 frozen arguments, and the branch is the factorised product: ``W0 + s A B`` is never formed,
 which keeps a training step near 4N FLOPs per token instead of full fine-tuning's 6N.
 
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.adapter import Adapter, checked_modules
+from lora_jax.dora import dora_output
 from lora_jax.lora_tree import ModulePath
 from lora_jax.targets import dotted_name
 
@@ -50,6 +51,18 @@ def module_rng(rng: jax.Array, path: ModulePath) -> jax.Array:
     dropout masks differ between runs with the same key.
     """
     return jax.random.fold_in(rng, zlib.crc32(dotted_name(path).encode()) & 0x7FFFFFFF)
+
+
+def dropout_input(x: jax.Array, dropout: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout of the branch input: ``x`` itself when ``dropout`` is 0 or ``rng`` is None.
+
+    >>> dropout_input(jnp.ones(3), 0.5, None).tolist()
+    [1.0, 1.0, 1.0]
+    """
+    if dropout <= 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
 
 
 def lora_branch(
@@ -68,10 +81,7 @@ def lora_branch(
     >>> lora_branch(jnp.ones((1, 2)), jnp.ones((2, 1)), jnp.ones((1, 3)), 0.5, dtype=jnp.float32).tolist()
     [[1.0, 1.0, 1.0]]
     """
-    x = x.astype(dtype)
-    if dropout > 0.0 and rng is not None:
-        keep = jax.random.bernoulli(rng, 1.0 - dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+    x = dropout_input(x.astype(dtype), dropout, rng)
     h = jnp.matmul(x, a.astype(dtype), precision=precision)  # (..., r)
     return jnp.matmul(h, b.astype(dtype), precision=precision) * jnp.asarray(scaling, dtype)  # (..., out)
 
@@ -102,6 +112,7 @@ def lora_interception(
             block ends and some LoRA module went unused.
     """
     entries = checked_modules(adapter)
+    magnitudes = adapter.magnitudes()
     dropout = adapter.config.dropout
     applied: set[ModulePath] = set()
 
@@ -116,10 +127,12 @@ def lora_interception(
         x = args[0] if args else kwargs["inputs"]
         a, b = entries[path]
         rng = None if dropout_rng is None else module_rng(dropout_rng, path)
+        applied.add(path)
+        if path in magnitudes:
+            return _dora(module, y, x, a, b, magnitudes[path], adapter.scaling(path), dropout, rng)
         branch = lora_branch(
             x, a, b, adapter.scaling(path), dtype=y.dtype, precision=module.precision, dropout=dropout, rng=rng
         )
-        applied.add(path)
         return y + branch
 
     with nn.intercept_methods(interceptor):
@@ -131,6 +144,15 @@ def lora_interception(
             "The adapter must mirror the module paths of the model being applied (pass "
             "variables['params'] to init_lora), and only nn.Dense layers can be adapted."
         )
+
+
+def _dora(module: nn.Dense, y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Array,
+          scaling: float, dropout: float, rng: jax.Array | None) -> jax.Array:
+    params = module.variables["params"]
+    dropped = dropout > 0.0 and rng is not None
+    x_branch = dropout_input(x.astype(y.dtype), dropout, rng) if dropped else x
+    return dora_output(y, x_branch, params["kernel"], params.get("bias"), a, b, magnitude, scaling,
+                       dropped=dropped, precision=module.precision)
 
 
 def lora_apply(apply_fn: Callable[..., Any], *, strict: bool = True) -> Callable[..., Any]:

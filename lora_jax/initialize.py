@@ -1,4 +1,16 @@
-"""A fresh LoRA tree: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` and ``B = 0``.
+"""A fresh LoRA tree: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` and ``B = 0``, or PEFT's other fresh inits.
+
+``LoraConfig.init_lora_weights`` picks PEFT's option (``peft/tuners/lora/layer.py``,
+``reset_lora_parameters``), in this project's (in, r) / (r, out) layout:
+
+- ``True``: ``A ~ U(-1/sqrt(in), 1/sqrt(in))``, ``B = 0`` (below);
+- ``"gaussian"``: ``A ~ N(0, (1/r)^2)``, ``B = 0``;
+- ``False``: ``A`` as for ``True`` and ``B ~ U(-1/sqrt(r), 1/sqrt(r))``, the default init of
+  PEFT's ``lora_B`` ``nn.Linear(r, out)`` that PEFT leaves in place. The adapter is then not the
+  identity, which is what tests of merging and of PEFT interchange need.
+
+A DoRA config also gets ``lora_magnitude_vector = ||W0 + s A B||_c`` (``lora_jax.dora``), so
+``init_lora`` reads the kernels' values, not only their shapes, when ``use_dora`` is on.
 
 The bound is PEFT's: ``nn.init.kaiming_uniform_(a=sqrt(5))`` on a ``(r, in)`` weight has fan-in
 ``in`` and gives ``bound = 1/sqrt(in)``. A tutorial variant that applies kaiming to the
@@ -28,7 +40,8 @@ import jax.numpy as jnp
 
 from lora_jax.adapter import Adapter
 from lora_jax.config import LoraConfig
-from lora_jax.lora_tree import LORA_A, LORA_B, ModulePath, nest
+from lora_jax.delta import lora_delta
+from lora_jax.lora_tree import LORA_A, LORA_B, LORA_MAGNITUDE, ModulePath, get_module, nest
 from lora_jax.targets import dotted_name, target_kernel_shapes
 
 
@@ -82,7 +95,8 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
     Returns:
         An ``Adapter`` carrying ``config``, whose weights are
         ``{...path...: {"lora_A": (in, r) float32, "lora_B": (r, out) float32 zeros}}``, with
-        each module's own ``r``.
+        each module's own ``r`` (``B`` random with ``init_lora_weights=False``), plus
+        ``"lora_magnitude_vector": (out,)`` with ``use_dora``.
 
     Raises:
         TypeError: ``key`` is not a JAX key (e.g. a plain int seed).
@@ -94,9 +108,33 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
     keys = jax.random.split(key, len(shapes))
     entries = {}
     for (path, (fan_in, fan_out, rank)), module_key in zip(shapes.items(), keys):
-        bound = a_init_bound(fan_in)
-        entries[path] = {
-            LORA_A: jax.random.uniform(module_key, (fan_in, rank), jnp.float32, -bound, bound),
-            LORA_B: jnp.zeros((rank, fan_out), jnp.float32),
-        }
+        a, b = fresh_factors(module_key, fan_in, fan_out, rank, config.init_lora_weights)
+        entries[path] = {LORA_A: a, LORA_B: b}
+        if config.use_dora:
+            kernel = get_module(params, path)["kernel"]
+            entries[path][LORA_MAGNITUDE] = jnp.linalg.norm(
+                jnp.asarray(kernel, jnp.float32) + lora_delta(a, b, config.module_scaling(dotted_name(path))), axis=0)
     return Adapter(nest(entries), config)
+
+
+def fresh_factors(key: jax.Array, fan_in: int, fan_out: int, rank: int, init: bool | str = True
+                  ) -> tuple[jax.Array, jax.Array]:
+    """``(A, B)`` float32 for one module under PEFT's ``init_lora_weights`` option (module docstring).
+
+    >>> a, b = fresh_factors(jax.random.key(0), 64, 8, 4, "gaussian")
+    >>> a.shape, b.shape, float(abs(b).max())
+    ((64, 4), (4, 8), 0.0)
+    >>> float(abs(fresh_factors(jax.random.key(0), 64, 8, 4, False)[1]).max()) > 0
+    True
+    """
+    if init == "gaussian":
+        a = jax.random.normal(key, (fan_in, rank), jnp.float32) / rank
+    else:
+        bound = a_init_bound(fan_in)
+        a = jax.random.uniform(key, (fan_in, rank), jnp.float32, -bound, bound)
+    if init is False:
+        bound = 1.0 / math.sqrt(rank)
+        b = jax.random.uniform(jax.random.fold_in(key, 1), (rank, fan_out), jnp.float32, -bound, bound)
+    else:
+        b = jnp.zeros((rank, fan_out), jnp.float32)
+    return a, b

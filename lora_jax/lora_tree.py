@@ -1,7 +1,8 @@
 """The LoRA tree: a nested dict that mirrors the targeted modules' paths.
 
 Each adapted module contributes one dict with two leaves, ``lora_A`` (in, r) and ``lora_B``
-(r, out), at the same path its ``kernel`` has in the params tree (docs/architecture.md).
+(r, out), at the same path its ``kernel`` has in the params tree (docs/architecture.md). A DoRA
+module holds a third, ``lora_magnitude_vector`` (out,), PEFT's name for DoRA's magnitude ``m``.
 
 Example:
     >>> import numpy as np
@@ -19,7 +20,9 @@ from typing import Any
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
+LORA_MAGNITUDE = "lora_magnitude_vector"
 LORA_KEYS = (LORA_A, LORA_B)
+LEAF_NAMES = (LORA_A, LORA_B, LORA_MAGNITUDE)
 
 ModulePath = tuple[str, ...]
 
@@ -48,14 +51,18 @@ def nest(entries: Mapping[ModulePath, Any]) -> dict[str, Any]:
 def lora_modules(lora: Mapping[str, Any], prefix: ModulePath = ()) -> dict[ModulePath, tuple[Any, Any]]:
     """Flattens a LoRA tree to ``{module_path: (A, B)}`` in tree order.
 
+    A DoRA module's ``lora_magnitude_vector`` is left out here; ``magnitudes`` returns those.
+
     Raises:
-        ValueError: A module dict does not hold exactly ``lora_A`` and ``lora_B``.
+        ValueError: A module dict does not hold ``lora_A`` and ``lora_B`` (and optionally
+            ``lora_magnitude_vector``) and nothing else.
     """
     found: dict[ModulePath, tuple[Any, Any]] = {}
-    if LORA_A in lora or LORA_B in lora:
-        if set(lora) != set(LORA_KEYS):
+    if any(key in lora for key in LEAF_NAMES):
+        if set(lora) not in (set(LORA_KEYS), set(LEAF_NAMES)):
             raise ValueError(
-                f"LoRA module {'.'.join(prefix)!r} must hold exactly {LORA_KEYS}, got keys {sorted(lora)}."
+                f"LoRA module {'.'.join(prefix)!r} must hold {LORA_KEYS} (and {LORA_MAGNITUDE!r} for DoRA), "
+                f"got keys {sorted(lora)}."
             )
         found[prefix] = (lora[LORA_A], lora[LORA_B])
         return found
@@ -63,10 +70,22 @@ def lora_modules(lora: Mapping[str, Any], prefix: ModulePath = ()) -> dict[Modul
         if not isinstance(value, Mapping):
             raise ValueError(
                 f"Unexpected leaf {'.'.join((*prefix, str(key)))!r} in a LoRA tree; leaves must be "
-                f"named {LORA_KEYS}. Did you pass the params tree instead of the LoRA tree?"
+                f"named {LEAF_NAMES}. Did you pass the params tree instead of the LoRA tree?"
             )
         found.update(lora_modules(value, (*prefix, str(key))))
     return found
+
+
+def magnitudes(lora: Mapping[str, Any]) -> dict[ModulePath, Any]:
+    """``{module_path: m}`` for the modules that hold a DoRA ``lora_magnitude_vector``, in tree order.
+
+    >>> import numpy as np
+    >>> tree = {"up": {"lora_A": np.zeros((4, 1)), "lora_B": np.zeros((1, 3)), "lora_magnitude_vector": np.ones(3)}}
+    >>> {path: m.shape for path, m in magnitudes(tree).items()}
+    {('up',): (3,)}
+    """
+    return {path: module[LORA_MAGNITUDE] for path in lora_modules(lora)
+            if LORA_MAGNITUDE in (module := get_module(lora, path))}
 
 
 def get_module(params: Mapping[str, Any], path: ModulePath) -> Mapping[str, Any] | None:

@@ -32,7 +32,8 @@ import optax
 
 __all__ = ["loraplus_labels", "loraplus_optimizer"]
 
-_LABELS = {"lora_A": "A", "lora_B": "B"}
+# PEFT's create_loraplus_optimizer puts `"lora_B" in name or param.ndim == 1` in group B: DoRA's magnitude too.
+_LABELS = {"lora_A": "A", "lora_B": "B", "lora_magnitude_vector": "B"}
 
 
 def _label(path: tuple[Any, ...], _leaf: Any) -> str:
@@ -40,14 +41,14 @@ def _label(path: tuple[Any, ...], _leaf: Any) -> str:
     name = last.key if isinstance(last, jax.tree_util.DictKey) else None
     if name not in _LABELS:
         raise ValueError(
-            f"LoRA+ labels leaves by their name, lora_A or lora_B; the leaf at {jax.tree_util.keystr(path)} is "
+            f"LoRA+ labels leaves by their name, lora_A, lora_B or lora_magnitude_vector; the leaf at {jax.tree_util.keystr(path)} is "
             "neither. Pass the lora_jax.Adapter (or its gradients), not a combined or frozen tree."
         )
     return _LABELS[name]
 
 
 def loraplus_labels(adapter: Any) -> Any:
-    """The tree of ``adapter`` with each leaf replaced by ``"A"`` (a ``lora_A``) or ``"B"`` (a ``lora_B``).
+    """The tree of ``adapter`` with each leaf replaced by ``"A"`` (a ``lora_A``) or ``"B"`` (a ``lora_B`` or DoRA magnitude).
 
     Raises:
         ValueError: A leaf's key path does not end in ``lora_A`` or ``lora_B``.

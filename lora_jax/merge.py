@@ -1,4 +1,4 @@
-"""Fold a LoRA tree into the kernels (``W = W0 + s A B``) and take it back out.
+"""Fold an adapter into the kernels (``W = W0 + s A B``; DoRA: ``lora_jax.dora``) and take it back out.
 
 Merging is for inference and export only: training never builds ``W0 + s A B`` (see
 ``lora_jax.forward``). The product is computed in float32 at full matmul precision and the
@@ -24,18 +24,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from lora_jax.adapter import Adapter, checked_modules
+from lora_jax.delta import lora_delta
+from lora_jax.dora import merged_kernel, unmerged_kernel, weight_norm
 from lora_jax.lora_tree import ModulePath, get_module
 from lora_jax.targets import dotted_name
-
-
-def lora_delta(a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
-    """``scaling * A @ B`` in float32, shape (in, out): the change LoRA makes to a kernel."""
-    a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return scaling * jnp.matmul(a32, b32, precision=jax.lax.Precision.HIGHEST)
 
 
 def _checked_kernel(params: Mapping[str, Any], path: ModulePath, a: Any, b: Any) -> Any:
@@ -69,21 +64,28 @@ def _with_kernels(params: Mapping[str, Any], new_kernels: Mapping[ModulePath, An
     return out
 
 
-def _apply_delta(params: Mapping[str, Any], adapter: Adapter, sign: float) -> dict:
+def _checked_kernels(params: Mapping[str, Any], adapter: Adapter) -> dict[ModulePath, Any]:
     # Validate every module before computing anything, so a bad adapter changes nothing.
-    modules = checked_modules(adapter)
-    kernels = {path: _checked_kernel(params, path, a, b) for path, (a, b) in modules.items()}
-    new_kernels = {
-        path: (jnp.asarray(kernels[path], jnp.float32) + sign * lora_delta(a, b, adapter.scaling(path))).astype(
-            kernels[path].dtype
-        )
-        for path, (a, b) in modules.items()
-    }
-    return _with_kernels(params, new_kernels)
+    return {path: _checked_kernel(params, path, a, b) for path, (a, b) in checked_modules(adapter).items()}
+
+
+def _new_kernel(kernel: Any, adapter: Adapter, path: ModulePath, sign: float, norms: Mapping | None) -> Any:
+    a, b = adapter.modules()[path]
+    scaling = adapter.scaling(path)
+    magnitude = adapter.magnitudes().get(path)
+    if magnitude is None:
+        new = jnp.asarray(kernel, jnp.float32) + sign * lora_delta(a, b, scaling)
+    elif sign > 0:
+        new = merged_kernel(kernel, a, b, magnitude, scaling)
+    else:
+        new = unmerged_kernel(kernel, a, b, magnitude, scaling, norms[path])
+    return new.astype(kernel.dtype)
 
 
 def merge(params: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
     """Returns params whose adapted kernels are ``W0 + s A B``; the result has no LoRA branch.
+
+    A DoRA module's kernel becomes ``(m / ||V||_c) * V`` with ``V = W0 + s A B`` (``lora_jax.dora``).
 
     Args:
         params: The base params (not modified).
@@ -94,9 +96,42 @@ def merge(params: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
         ValueError: A LoRA module is missing from params, its shapes do not fit the kernel, or
             they disagree with the adapter's rank.
     """
-    return _apply_delta(params, adapter, 1.0)
+    kernels = _checked_kernels(params, adapter)
+    return _with_kernels(params, {path: _new_kernel(k, adapter, path, 1.0, None) for path, k in kernels.items()})
 
 
-def unmerge(merged: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
-    """Inverse of ``merge``: subtracts ``s A B`` again, restoring ``W0`` up to float rounding."""
-    return _apply_delta(merged, adapter, -1.0)
+def dora_weight_norms(params: Mapping[str, Any], adapter: Adapter) -> dict[ModulePath, Any]:
+    """``{path: ||W0 + s A B||_c}`` (out,) for a DoRA adapter's modules, from the unmerged ``params``.
+
+    Keep it from before ``merge`` to ``unmerge`` a DoRA adapter: a merged kernel's columns have norm
+    ``|m|``, so the norm the merge divided by cannot be recovered from it (PEFT caches it too).
+
+    Raises:
+        TypeError, ValueError: As ``merge``.
+    """
+    kernels = _checked_kernels(params, adapter)
+    modules = adapter.modules()
+    return {path: weight_norm(kernels[path], *modules[path], adapter.scaling(path)) for path in adapter.magnitudes()}
+
+
+def unmerge(merged: Mapping[str, Any], adapter: Adapter, *, weight_norms: Mapping[ModulePath, Any] | None = None
+            ) -> dict[str, Any]:
+    """Inverse of ``merge``: subtracts ``s A B`` again, restoring ``W0`` up to float rounding.
+
+    Args:
+        merged: Params returned by ``merge(params, adapter)``.
+        adapter: The same adapter.
+        weight_norms: For a DoRA adapter, ``dora_weight_norms(params, adapter)`` taken before merging.
+
+    Raises:
+        ValueError: As ``merge``, or a DoRA adapter without ``weight_norms`` for each of its modules.
+    """
+    kernels = _checked_kernels(merged, adapter)
+    dora = adapter.magnitudes()
+    if dora and (weight_norms is None or any(path not in weight_norms for path in dora)):
+        raise ValueError(
+            "unmerging a DoRA adapter needs the weight norms taken before the merge: a merged kernel's columns have "
+            "norm |m|, so ||W0 + s A B|| cannot be recovered from it. Call norms = dora_weight_norms(params, adapter) "
+            "before merge(params, adapter), then unmerge(merged, adapter, weight_norms=norms); or keep params."
+        )
+    return _with_kernels(merged, {path: _new_kernel(k, adapter, path, -1.0, weight_norms) for path, k in kernels.items()})

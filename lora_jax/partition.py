@@ -26,14 +26,15 @@ from typing import Any
 import jax
 
 from lora_jax.adapter import Adapter
-from lora_jax.lora_tree import LORA_KEYS
+from lora_jax.lora_tree import LEAF_NAMES
 
 
 def split(full: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Separates the LoRA leaves from a combined tree.
 
     Args:
-        full: A nested dict whose adapted modules hold ``lora_A`` and ``lora_B`` leaves.
+        full: A nested dict whose adapted modules hold ``lora_A`` and ``lora_B`` leaves (and DoRA's
+            ``lora_magnitude_vector``).
 
     Returns:
         ``(frozen, lora)``: ``frozen`` keeps every other leaf and the full nesting (empty
@@ -42,7 +43,7 @@ def split(full: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     frozen: dict[str, Any] = {}
     lora: dict[str, Any] = {}
     for key, value in full.items():
-        if key in LORA_KEYS:
+        if key in LEAF_NAMES:
             lora[key] = value
         elif isinstance(value, Mapping):
             sub_frozen, sub_lora = split(value)
@@ -80,7 +81,7 @@ def _combine(frozen: Mapping[str, Any], lora: Mapping[str, Any], path: tuple[str
         full[key] = _combine(value, {}, (*path, key)) if isinstance(value, Mapping) else value
     for key, value in lora.items():
         where = ".".join((*path, key))
-        if key in LORA_KEYS:
+        if key in LEAF_NAMES:
             if key in frozen:
                 raise ValueError(f"{where!r} already exists in the frozen tree; was it combined twice?")
             full[key] = value
@@ -95,14 +96,14 @@ def _combine(frozen: Mapping[str, Any], lora: Mapping[str, Any], path: tuple[str
 
 
 def trainable_mask(full: Any) -> Any:
-    """A bool tree over ``full``: True exactly at ``lora_A``/``lora_B`` leaves.
+    """A bool tree over ``full``: True exactly at ``lora_A``/``lora_B``/``lora_magnitude_vector`` leaves.
 
     Works on any pytree whose dict keys name the leaves (nested dicts, FrozenDicts).
     """
 
     def is_lora_leaf(path: tuple[Any, ...], _: Any) -> bool:
         last = path[-1] if path else None
-        return isinstance(last, jax.tree_util.DictKey) and last.key in LORA_KEYS
+        return isinstance(last, jax.tree_util.DictKey) and last.key in LEAF_NAMES
 
     return jax.tree_util.tree_map_with_path(is_lora_leaf, full)
 

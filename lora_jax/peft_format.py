@@ -4,7 +4,8 @@ The directory loads in ``peft.PeftModel.from_pretrained`` and gives the same log
 adapters saved by PEFT load here. Layout (shared/DESIGN.md):
 
 - key ``base_model.model.<dotted name>.lora_A.weight`` holds ``A.T``, shape (r, in);
-  ``...lora_B.weight`` holds ``B.T``, shape (out, r); float32.
+  ``...lora_B.weight`` holds ``B.T``, shape (out, r); a DoRA adapter adds ``...lora_magnitude_vector``
+  (out,); float32 (``lora_format.peft_keys``).
 - the config carries ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``target_modules``,
   ``use_rslora``, ``layers_to_transform``, ``fan_in_fan_out``, ``rank_pattern``, ``alpha_pattern``
   and PEFT's other LoRA keys. Each module's tensors have its own rank (``rank_pattern``'s first
@@ -54,36 +55,42 @@ from lora_format.adapter_dir import (
     save_adapter_dir,
     weights_metadata,
 )
+from lora_format.all_linear import is_all_linear
 from lora_format.json_files import parse_json_object
+from lora_format import peft_keys
 from lora_format.patterns import check_survives_sorting
 from lora_format.peft_fields import read_adapter_config
 from lora_jax.adapter import Adapter, checked_modules
-from lora_jax.config import LoraConfig
+from lora_jax.config import INIT_OPTIONS, LoraConfig
 from lora_jax.initialize import factor_shapes
-from lora_jax.lora_tree import LORA_A, LORA_B, ModulePath, nest
+from lora_jax.lora_tree import LORA_A, LORA_B, LORA_MAGNITUDE, ModulePath, nest
 from lora_jax.targets import dotted_name
 
 CONFIG_FILE = CONFIG_NAME
 WEIGHTS_FILE = WEIGHTS_NAME
-KEY_PREFIX = "base_model.model."
-_SUFFIXES = {LORA_A: ".lora_A.weight", LORA_B: ".lora_B.weight"}
+KEY_PREFIX = peft_keys.KEY_PREFIX
+# This project's leaf name -> PEFT's key part (lora_format.peft_keys).
+_PARTS = {LORA_A: peft_keys.LORA_A, LORA_B: peft_keys.LORA_B, LORA_MAGNITUDE: peft_keys.LORA_MAGNITUDE}
+_LEAVES = {part: leaf for leaf, part in _PARTS.items()}
 
 
 def peft_key(path: ModulePath, which: str) -> str:
-    """``base_model.model.<dotted name>.lora_A.weight`` (or ``lora_B``).
+    """``base_model.model.<dotted name>.lora_A.weight`` (``lora_B.weight``, ``lora_magnitude_vector``).
 
     >>> peft_key(("transformer", "h", "0", "attn", "c_attn"), "lora_B")
     'base_model.model.transformer.h.0.attn.c_attn.lora_B.weight'
     """
-    return KEY_PREFIX + dotted_name(path) + _SUFFIXES[which]
+    return peft_keys.module_key(dotted_name(path), _PARTS[which])
 
 
 def peft_state_dict(adapter: Adapter) -> dict[str, np.ndarray]:
-    """The adapter as PEFT's tensors: ``A.T`` (r, in) and ``B.T`` (out, r), float32, contiguous."""
+    """The adapter as PEFT's tensors: ``A.T`` (r, in), ``B.T`` (out, r) and DoRA's ``m`` (out,), float32."""
     tensors = {}
     for path, (a, b) in checked_modules(adapter).items():
         tensors[peft_key(path, LORA_A)] = np.ascontiguousarray(np.asarray(a, np.float32).T)
         tensors[peft_key(path, LORA_B)] = np.ascontiguousarray(np.asarray(b, np.float32).T)
+    for path, m in adapter.magnitudes().items():
+        tensors[peft_key(path, LORA_MAGNITUDE)] = np.ascontiguousarray(np.asarray(m, np.float32))
     return tensors
 
 
@@ -115,13 +122,13 @@ def adapter_config_dict(
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "layers_to_transform": None if config.layers_to_transform is None else list(config.layers_to_transform),
         "layers_pattern": list(config.layers_pattern) if isinstance(config.layers_pattern, tuple) else config.layers_pattern,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
         "modules_to_save": None,
-        "init_lora_weights": True,
+        "init_lora_weights": config.init_lora_weights,
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
     }
@@ -159,6 +166,8 @@ def save_adapter(
     meta = adapter_config_dict(
         adapter.config, base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=fan_in_fan_out
     )
+    if is_all_linear(config.target_modules):  # as PEFT 0.21 saves it: the full names it expanded to
+        meta["target_modules"] = sorted(dotted_name(path) for path in adapter.modules())
     config_bytes = encode_config(meta)
 
     def write_files(new: Path) -> None:
@@ -195,9 +204,17 @@ def config_from_adapter_dict(meta: Mapping[str, Any], source: str = CONFIG_FILE)
             layers_pattern=fields.layers_pattern,
             rank_pattern=fields.rank_pattern,
             alpha_pattern=fields.alpha_pattern,
+            use_dora=fields.use_dora,
+            init_lora_weights=_init_option(fields.raw.get("init_lora_weights", True)),
         )
     except (TypeError, ValueError) as err:  # a rule LoraConfig has and the shared table lacks
         raise ValueError(f"{source}: {err}") from err
+
+
+def _init_option(value: Any) -> bool | str:
+    # Only a fresh adapter's init reads it; an init PEFT accepts but lora_jax lacks (orthogonal, eva, mica) only
+    # shaped the initial weights, which the file's weights replace.
+    return value if any(type(value) is type(o) and value == o for o in INIT_OPTIONS) else True
 
 
 # safetensors dtype codes of the float types an adapter may hold; an integer or bool tensor is not
@@ -242,11 +259,9 @@ def check_finite(tensors: Mapping[str, Any], source: str) -> None:
         )
 
 
-def _module_of(key: str) -> tuple[ModulePath, str] | None:
-    for which, suffix in _SUFFIXES.items():
-        if key.startswith(KEY_PREFIX) and key.endswith(suffix):
-            return tuple(key[len(KEY_PREFIX) : -len(suffix)].split(".")), which
-    return None
+def _module_of(key: str) -> tuple[ModulePath, str]:
+    name, part = peft_keys.split_key(key)  # every key was checked against the expected ones
+    return tuple(name.split(".")), _LEAVES[part]
 
 
 def _check_keys_and_shapes(shapes: Mapping[str, tuple[int, ...]], params: Mapping[str, Any], config: LoraConfig) -> None:
@@ -254,6 +269,8 @@ def _check_keys_and_shapes(shapes: Mapping[str, tuple[int, ...]], params: Mappin
     for path, (fan_in, fan_out, rank) in factor_shapes(params, config).items():  # each module at its own rank
         expected[peft_key(path, LORA_A)] = (rank, fan_in)
         expected[peft_key(path, LORA_B)] = (fan_out, rank)
+        if config.use_dora:
+            expected[peft_key(path, LORA_MAGNITUDE)] = (fan_out,)
     unexpected = sorted(set(shapes) - set(expected))
     missing = sorted(set(expected) - set(shapes))
     if unexpected or missing:
@@ -306,5 +323,6 @@ def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any], *, a
     entries: dict[ModulePath, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         path, which = _module_of(key)
-        entries.setdefault(path, {})[which] = jnp.asarray(tensor, jnp.float32).T
+        array = jnp.asarray(tensor, jnp.float32)
+        entries.setdefault(path, {})[which] = array if which == LORA_MAGNITUDE else array.T
     return Adapter(nest(dict(sorted(entries.items()))), config)

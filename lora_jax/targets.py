@@ -20,10 +20,16 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from lora_format.all_linear import expand_all_linear, is_all_linear
 from lora_jax.config import LoraConfig
 from lora_jax.lora_tree import ModulePath, get_module
 
 SUPPORTED_MODULES = "modules holding a 2-D 'kernel' (in, out) leaf, i.e. flax.linen.Dense"
+
+# What "all-linear" leaves out: PEFT drops model.get_output_embeddings(), which a params tree cannot name, so the
+# output layer is recognised by transformers' name for it, a top-level "lm_head". (GPT-2's head is tied to wte,
+# an embedding, and is no Dense at all.)
+OUTPUT_LAYERS = ("lm_head",)
 
 
 def dotted_name(path: ModulePath) -> str:
@@ -117,7 +123,8 @@ def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[Modu
         config: The LoRA config whose ``target_modules`` and ``layers_to_transform`` apply.
 
     Returns:
-        One path tuple per matched module.
+        One path tuple per matched module. ``target_modules="all-linear"`` (PEFT's shorthand) takes
+        every dense module except a top-level ``lm_head`` (``OUTPUT_LAYERS``).
 
     Raises:
         ValueError: Nothing matches (the message lists the candidate names), a matched module
@@ -125,7 +132,11 @@ def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[Modu
     """
     _check_params_root(params)
     modules = list(iter_modules(params))
-    matched = [(p, m) for p, m in modules if _selected(p, config)]
+    if is_all_linear(config.target_modules):
+        names = set(expand_all_linear([dotted_name(p) for p, m in modules if is_dense(m)], OUTPUT_LAYERS))
+        matched = [(p, m) for p, m in modules if dotted_name(p) in names]
+    else:
+        matched = [(p, m) for p, m in modules if _selected(p, config)]
     unsupported = [dotted_name(p) for p, m in matched if not is_dense(m)]
     if unsupported:
         raise ValueError(

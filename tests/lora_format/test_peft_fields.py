@@ -39,7 +39,6 @@ SAMPLES = {
     "init_lora_weights": "pissa",
     "megatron_config": {"tensor_model_parallel_size": 2},
     "trainable_token_indices": [1, 2],
-    "use_dora": True,
     "velora_config": {"num_groups": 4},
     "alora_invocation_tokens": [1, 2],
     "use_qalora": True,
@@ -73,6 +72,7 @@ ACCEPTED_CHANGES = {
     "layers_pattern": {"layers_pattern": ["h"], "layers_to_transform": [0, 1]},
     "fan_in_fan_out": {"fan_in_fan_out": True},
     "rank_pattern": {"rank_pattern": {"h.0.attn.c_attn": 2, "c_attn": 8}},
+    "use_dora": {"use_dora": True},
     "alpha_pattern": {"alpha_pattern": {"c_attn": 32, "h.1.attn.c_attn": 3.5}},
     "megatron_core": {"megatron_core": "megatron.core"},
     "loftq_config": {"loftq_config": {"loftq_bits": 4, "loftq_iter": 1}},
@@ -96,9 +96,10 @@ def _read_both(meta: dict) -> tuple[tuple, tuple]:
     config = config_from_adapter_dict(meta, "f.json")
     return (
         (spec.rank, spec.lora_alpha, spec.dropout, spec.use_rslora, spec.target_modules, spec.layers_to_transform,
-         spec.layers_pattern, spec.rank_pattern, spec.alpha_pattern),
+         spec.layers_pattern, spec.rank_pattern, spec.alpha_pattern, spec.use_dora),
         (config.rank, config.alpha, config.dropout, config.use_rslora, config.target_modules,
-         config.layers_to_transform, config.layers_pattern, config.rank_pattern, config.alpha_pattern),
+         config.layers_to_transform, config.layers_pattern, config.rank_pattern, config.alpha_pattern,
+         config.use_dora),
     )
 
 
@@ -132,7 +133,7 @@ def test_a_config_saved_by_peft_is_read_without_warnings(tmp_path, caplog):
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     with caplog.at_level(logging.WARNING, logger="lora_format.peft_fields"):
         torch_view, jax_view = _read_both(meta)
-    assert torch_view == jax_view == (4, 8.0, 0.0, False, ("c_attn",), None, None, (), ())
+    assert torch_view == jax_view == (4, 8.0, 0.0, False, ("c_attn",), None, None, (), (), False)
     assert caplog.records == []
 
 
@@ -143,13 +144,13 @@ def test_both_halves_refuse_a_refused_field(name, value):
 
 
 def test_all_refused_fields_are_listed_in_one_error():
-    meta = {**BASE, "use_dora": True, "modules_to_save": ["lm_head"], "alora_invocation_tokens": [1, 2]}
+    meta = {**BASE, "lora_bias": True, "modules_to_save": ["lm_head"], "alora_invocation_tokens": [1, 2]}
     with pytest.raises(ValueError) as caught:
         read_adapter_config(meta, "f.json")
     message = str(caught.value)
     assert message.startswith("f.json uses PEFT features")
     assert [line.split("=")[0].strip(" -") for line in message.splitlines() if line.startswith("  - ")] == [
-        "modules_to_save", "use_dora", "alora_invocation_tokens"]
+        "modules_to_save", "alora_invocation_tokens", "lora_bias"]
     assert "peft.PeftModel.from_pretrained" in message
 
 
@@ -188,8 +189,8 @@ def test_a_missing_required_field_names_the_file_and_the_field(name, absent):
     ("lora_alpha", float("inf")), ("lora_alpha", float("nan")), ("lora_alpha", 0), ("lora_alpha", True),
     ("lora_alpha", "8"),
     ("lora_dropout", 1.0), ("lora_dropout", -0.1), ("lora_dropout", None),
-    ("use_rslora", "yes"), ("use_rslora", None), ("fan_in_fan_out", 1),
-    ("target_modules", []), ("target_modules", "all-linear"), ("target_modules", "(c_attn"), ("target_modules", [""]),
+    ("use_rslora", "yes"), ("use_rslora", None), ("fan_in_fan_out", 1), ("use_dora", 1), ("use_dora", "true"),
+    ("target_modules", []), ("target_modules", "(c_attn"), ("target_modules", [""]),
     ("layers_to_transform", [-1]), ("layers_to_transform", [True]), ("layers_pattern", 7),
     ("rank_pattern", {"c_attn": 0}), ("rank_pattern", {"c_attn": 2.0}), ("rank_pattern", {"c_attn": True}),
     ("rank_pattern", {"(c_attn": 2}), ("rank_pattern", ["c_attn"]), ("rank_pattern", "c_attn"),
@@ -229,10 +230,10 @@ def test_unknown_keys_are_logged_and_ignored(caplog):
 
 
 def test_supported_names_are_neither_refused_nor_warned_about(caplog):
-    meta = {**BASE, "use_dora": True, "digest": "abc"}
+    meta = {**BASE, "lora_bias": True, "digest": "abc"}
     with caplog.at_level(logging.WARNING, logger="lora_format.peft_fields"):
-        fields = read_adapter_config(meta, "f.json", supported={"use_dora", "digest"})
-    assert (fields.rank, fields.raw["use_dora"], fields.raw["digest"]) == (4, True, "abc")
+        fields = read_adapter_config(meta, "f.json", supported={"lora_bias", "digest"})
+    assert (fields.rank, fields.raw["lora_bias"], fields.raw["digest"]) == (4, True, "abc")
     assert caplog.records == []
 
 

@@ -29,8 +29,10 @@ def test_nest_refuses_nested_or_repeated_paths():
 def test_flatten_refuses_foreign_leaves_and_half_modules():
     with pytest.raises(ValueError, match="Did you pass the params tree"):
         lora_modules({"dense": {"kernel": np.zeros((2, 2))}})
-    with pytest.raises(ValueError, match=r"must hold exactly \('lora_A', 'lora_B'\)"):
+    with pytest.raises(ValueError, match=r"must hold \('lora_A', 'lora_B'\) \(and 'lora_magnitude_vector' for DoRA\)"):
         lora_modules({"dense": {"lora_A": np.zeros((2, 1))}})
+    with pytest.raises(ValueError, match=r"got keys \['lora_A', 'lora_magnitude_vector'\]"):
+        lora_modules({"dense": {"lora_A": np.zeros((2, 1)), "lora_magnitude_vector": np.ones(2)}})
 
 
 def test_get_module():

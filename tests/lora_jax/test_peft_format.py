@@ -164,9 +164,9 @@ def test_a_config_from_another_save_is_refused(gpt2, saved):
 
 
 def test_unsupported_peft_features_are_refused(gpt2, saved):
-    edit_config(saved, use_dora=True, modules_to_save=["lm_head"])
+    edit_config(saved, lora_bias=True, modules_to_save=["lm_head"])
     # lora_format.peft_fields lists every refused field, one line each, in the table's order.
-    with pytest.raises(ValueError, match=r"adapter_config\.json uses PEFT features(.|\n)*modules_to_save=(.|\n)*use_dora=True"):
+    with pytest.raises(ValueError, match=r"adapter_config\.json uses PEFT features(.|\n)*modules_to_save=(.|\n)*lora_bias=True"):
         load_adapter(saved, gpt2[1])
 
 
