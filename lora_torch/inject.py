@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from lora_format.all_linear import ALL_LINEAR, expand_all_linear, is_all_linear
 from lora_format.patterns import Pattern, module_rank_alpha, normalise_pattern
 from lora_torch.dora import DORA_WRAPPER_FOR_TYPE
+from lora_torch.initialize import InitLoraWeights, check_init_lora_weights
 from lora_torch.layers import WRAPPER_FOR_TYPE, LoRAWrapper, check_lora_settings
 from lora_torch.targeting import (
     TargetModules,
@@ -168,6 +169,7 @@ def inject_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
     use_dora: bool = False,
+    init_lora_weights: InitLoraWeights = True,
     layers_to_transform: int | Sequence[int] | None = None,
     layers_pattern: str | Sequence[str] | None = None,
     rank_pattern: dict[str, int] | Pattern | None = None,
@@ -191,6 +193,8 @@ def inject_lora(
         use_rslora: scale by ``alpha / sqrt(r)``.
         use_dora: DoRA (``lora_torch.dora``): wrap with ``LinearWithDoRA`` / ``Conv1DWithDoRA``, which add a
             trainable magnitude per output feature. Only ``nn.Linear`` and ``Conv1D`` support it.
+        init_lora_weights: PEFT's init choice (``lora_torch.initialize``): ``True`` (A uniform, B = 0),
+            ``"gaussian"`` (A ~ N(0, 1/r^2), B = 0) or ``False`` (B drawn too, so the adapter acts at once).
         layers_to_transform: keep only modules in these layer indices (``h.{i}``), as PEFT does.
             Not allowed with a regex string: PEFT ignores it there, so put the index in the regex.
         layers_pattern: the name of the layer list (``"h"`` for GPT-2) when the default rule,
@@ -208,8 +212,8 @@ def inject_lora(
 
     Raises:
         ValueError: nothing matched (the message lists candidates), a module already has LoRA,
-            a setting is out of range, a pattern key does not compile as a regex, or ``use_dora`` with a
-            module DoRA does not support.
+            a setting is out of range, a pattern key does not compile as a regex, ``use_dora`` with a
+            module DoRA does not support, or an unknown ``init_lora_weights``.
         TypeError: a matched module is neither ``nn.Linear`` nor ``Conv1D``, or ``target_modules``,
             ``layers_to_transform``, ``layers_pattern`` or a pattern has the wrong type.
 
@@ -228,6 +232,7 @@ def inject_lora(
     check_lora_settings(rank, lora_alpha, dropout)
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be True or False, got {use_dora!r}.")
+    init_lora_weights = check_init_lora_weights(init_lora_weights)
     rank_pattern = normalise_pattern(rank_pattern, "rank_pattern", integer=True)
     alpha_pattern = normalise_pattern(alpha_pattern, "alpha_pattern", integer=False)
     if is_all_linear(target_modules) and layers_to_transform is not None:
@@ -243,7 +248,7 @@ def inject_lora(
     for name, module in matched:
         module_rank, module_alpha = module_rank_alpha(name, rank, lora_alpha, rank_pattern, alpha_pattern)
         wrappers[name] = _wrap(module, use_dora, rank=module_rank, lora_alpha=module_alpha, dropout=dropout,
-                               use_rslora=use_rslora)
+                               use_rslora=use_rslora, init_lora_weights=init_lora_weights)
     for name, wrapper in wrappers.items():
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, wrapper)

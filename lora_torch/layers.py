@@ -4,10 +4,10 @@ Convention (shared with ``lora_jax``, see DESIGN.md): ``A`` is (in, r), ``B`` is
 
     y = base(x) + s * (dropout(x) @ A) @ B,   s = alpha / r   (or alpha / sqrt(r) with rsLoRA).
 
-``A ~ U(-1/sqrt(in), 1/sqrt(in))`` is PEFT's bound (kaiming-uniform with a=sqrt(5) on fan_in=in).
+By default ``A ~ U(-1/sqrt(in), 1/sqrt(in))``, PEFT's bound (kaiming-uniform with a=sqrt(5) on fan_in=in).
 The tutorial applied kaiming to the (in, r) tensor, whose fan_in is r, which makes A about 10x larger
 for GPT-2; both halves of this project use PEFT's bound instead. ``B = 0`` makes a fresh adapter the
-identity.
+identity. PEFT's other ``init_lora_weights`` choices are in ``lora_torch.initialize``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from lora_torch.initialize import InitLoraWeights, init_linear_branch
 
 
 def lora_scaling(rank: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -70,6 +72,8 @@ class LoRALayer(nn.Module):
         lora_alpha: ``alpha``; the branch is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
         dropout: dropout probability on the branch's input only (the base path never sees it).
         use_rslora: use rank-stabilised scaling.
+        init_lora_weights: PEFT's init choice: ``True`` (the default above), ``"gaussian"`` (A ~ N(0, 1/r^2),
+            B = 0) or ``False`` (B drawn too, so the branch is not zero); see ``lora_torch.initialize``.
         device: where to create the parameters.
         dtype: parameter dtype (float32 unless given).
 
@@ -91,6 +95,7 @@ class LoRALayer(nn.Module):
         *,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        init_lora_weights: InitLoraWeights = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -105,9 +110,8 @@ class LoRALayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(in_features, rank, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(rank, out_features, **factory))
-        bound = 1.0 / math.sqrt(in_features)  # PEFT's bound; see the module docstring
-        nn.init.uniform_(self.lora_A, -bound, bound)
+        self.lora_B = nn.Parameter(torch.empty(rank, out_features, **factory))
+        init_linear_branch(self.lora_A, self.lora_B, init_lora_weights)
 
     @property
     def dropout_p(self) -> float:
@@ -191,6 +195,7 @@ class LinearWithLoRA(LoRAWrapper):
         lora_alpha: LoRA alpha.
         dropout: dropout on the branch's input.
         use_rslora: rank-stabilised scaling.
+        init_lora_weights: ``True``, ``"gaussian"`` or ``False``, as in ``LoRALayer``.
 
     >>> wrapped = LinearWithLoRA(nn.Linear(6, 3), rank=2, lora_alpha=4.0)
     >>> wrapped.base_layer.weight.requires_grad, tuple(wrapped.delta_weight().shape)
@@ -205,12 +210,14 @@ class LinearWithLoRA(LoRAWrapper):
         *,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        init_lora_weights: InitLoraWeights = True,
     ) -> None:
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LinearWithLoRA wraps torch.nn.Linear, got {type(linear).__name__}; "
                             "use Conv1DWithLoRA for transformers' Conv1D.")
         lora = _branch_for(type(self).branch_type, linear.weight, linear.in_features, linear.out_features,
-                           rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora)
+                           rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora,
+                           init_lora_weights=init_lora_weights)
         super().__init__(linear, linear.in_features, linear.out_features, lora)
 
     def base_kernel(self) -> torch.Tensor:
@@ -234,6 +241,7 @@ class Conv1DWithLoRA(LoRAWrapper):
         lora_alpha: LoRA alpha.
         dropout: dropout on the branch's input.
         use_rslora: rank-stabilised scaling.
+        init_lora_weights: ``True``, ``"gaussian"`` or ``False``, as in ``LoRALayer``.
 
     >>> wrapped = Conv1DWithLoRA(Conv1D(nf=9, nx=3), rank=2)
     >>> wrapped.in_features, wrapped.out_features, tuple(wrapped.delta_weight().shape)
@@ -248,13 +256,15 @@ class Conv1DWithLoRA(LoRAWrapper):
         *,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        init_lora_weights: InitLoraWeights = True,
     ) -> None:
         if not isinstance(conv1d, Conv1D):
             raise TypeError(f"Conv1DWithLoRA wraps transformers.pytorch_utils.Conv1D, got "
                             f"{type(conv1d).__name__}; use LinearWithLoRA for torch.nn.Linear.")
         in_features, out_features = conv1d.weight.shape
         lora = _branch_for(type(self).branch_type, conv1d.weight, in_features, out_features,
-                           rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora)
+                           rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora,
+                           init_lora_weights=init_lora_weights)
         super().__init__(conv1d, in_features, out_features, lora)
 
 
