@@ -10,6 +10,7 @@ trainable params: 44 || all params: 102 || trainable%: 43.1373
 """
 
 from lora_torch.dora import Conv1DWithDoRA, DoRALayer, LinearWithDoRA
+from lora_torch.embedding import EmbeddingLoRALayer, EmbeddingWithLoRA
 from lora_torch.inject import find_target_modules, inject_lora, lora_module_names, lora_wrappers
 from lora_torch.layers import Conv1DWithLoRA, LinearWithLoRA, LoRALayer, LoRAWrapper, lora_scaling
 from lora_torch.loraplus import create_loraplus_param_groups
@@ -28,6 +29,8 @@ __all__ = [
     "Conv1DWithDoRA",
     "Conv1DWithLoRA",
     "DoRALayer",
+    "EmbeddingLoRALayer",
+    "EmbeddingWithLoRA",
     "LinearWithDoRA",
     "LinearWithLoRA",
     "LoRALayer",

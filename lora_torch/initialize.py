@@ -17,6 +17,9 @@ choice          A (in, r)                                    B (r, out)
 
 ``1/sqrt(in)`` is kaiming-uniform with ``a=sqrt(5)`` on PEFT's (r, in) weight, whose fan_in is ``in``.
 
+Embedding branches (``A`` (num_embeddings, r), ``B`` (r, dim)): ``True`` and ``"gaussian"`` give A = 0
+and B ~ N(0, 1); ``False`` gives both ~ N(0, 1) (PEFT's ``torch.randn``, left in place).
+
 >>> import torch
 >>> a, b = torch.empty(6, 2), torch.empty(2, 3)
 >>> init_linear_branch(a, b, "gaussian")
@@ -31,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["INIT_CHOICES", "check_init_lora_weights", "init_linear_branch"]
+__all__ = ["INIT_CHOICES", "check_init_lora_weights", "init_embedding_branch", "init_linear_branch"]
 
 INIT_CHOICES = (True, "gaussian", False)
 
@@ -79,3 +82,14 @@ def init_linear_branch(lora_a: torch.Tensor, lora_b: torch.Tensor, init_lora_wei
         else:
             nn.init.zeros_(lora_b)
 
+
+
+def init_embedding_branch(lora_a: torch.Tensor, lora_b: torch.Tensor, init_lora_weights: InitLoraWeights) -> None:
+    """Draws ``A`` (num_embeddings, r) and ``B`` (r, dim) of an embedding branch in place (module docstring)."""
+    init = check_init_lora_weights(init_lora_weights)
+    with torch.no_grad():
+        nn.init.normal_(lora_b)
+        if init is False:
+            nn.init.normal_(lora_a)
+        else:
+            nn.init.zeros_(lora_a)  # with B ~ N(0, 1): the fresh adapter is the identity

@@ -1,4 +1,4 @@
-"""``inject_lora``: swap the targeted ``nn.Linear`` / ``Conv1D`` children for LoRA wrappers."""
+"""``inject_lora``: swap the targeted ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` children for LoRA wrappers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from transformers.pytorch_utils import Conv1D
 from lora_format.all_linear import ALL_LINEAR, expand_all_linear, is_all_linear
 from lora_format.patterns import Pattern, module_rank_alpha, normalise_pattern
 from lora_torch.dora import DORA_WRAPPER_FOR_TYPE
+from lora_torch.embedding import EmbeddingWithLoRA
 from lora_torch.initialize import InitLoraWeights, check_init_lora_weights
-from lora_torch.layers import WRAPPER_FOR_TYPE, LoRAWrapper, check_lora_settings
+from lora_torch.layers import LINEAR_WRAPPER_FOR_TYPE, LoRAWrapper, check_lora_settings
 from lora_torch.targeting import (
     TargetModules,
     check_layers_pattern,
@@ -23,6 +24,10 @@ from lora_torch.targeting import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The wrapper for each supported base type; inject_lora dispatches on this table.
+WRAPPER_FOR_TYPE: dict[type[nn.Module], type[LoRAWrapper]] = {**LINEAR_WRAPPER_FOR_TYPE,
+                                                              nn.Embedding: EmbeddingWithLoRA}
 
 
 
@@ -176,7 +181,7 @@ def inject_lora(
     alpha_pattern: dict[str, float] | Pattern | None = None,
     verbose: bool = True,
 ) -> nn.Module:
-    """Replaces each targeted ``nn.Linear`` / ``Conv1D`` with its LoRA wrapper, in place.
+    """Replaces each targeted ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` with its LoRA wrapper, in place.
 
     Every check runs before any module is replaced, so an error leaves ``model`` unchanged.
     Injecting into a module that already carries LoRA raises instead of nesting adapters.
@@ -189,7 +194,7 @@ def inject_lora(
             (``model.get_output_embeddings()``, e.g. GPT-2's ``lm_head``); see ``all_linear_targets``.
         rank: LoRA rank ``r``.
         lora_alpha: LoRA ``alpha``; the branch is scaled by ``alpha / r``.
-        dropout: dropout probability on the LoRA branch's input.
+        dropout: dropout probability on the LoRA branch's input (not on embeddings: PEFT ignores it there).
         use_rslora: scale by ``alpha / sqrt(r)``.
         use_dora: DoRA (``lora_torch.dora``): wrap with ``LinearWithDoRA`` / ``Conv1DWithDoRA``, which add a
             trainable magnitude per output feature. Only ``nn.Linear`` and ``Conv1D`` support it.
@@ -214,7 +219,7 @@ def inject_lora(
         ValueError: nothing matched (the message lists candidates), a module already has LoRA,
             a setting is out of range, a pattern key does not compile as a regex, ``use_dora`` with a
             module DoRA does not support, or an unknown ``init_lora_weights``.
-        TypeError: a matched module is neither ``nn.Linear`` nor ``Conv1D``, or ``target_modules``,
+        TypeError: a matched module is not ``nn.Linear``, ``Conv1D`` or ``nn.Embedding``, or ``target_modules``,
             ``layers_to_transform``, ``layers_pattern`` or a pattern has the wrong type.
 
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -111,6 +111,10 @@ class LoRALayer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(in_features, rank, **factory))
         self.lora_B = nn.Parameter(torch.empty(rank, out_features, **factory))
+        self.reset_lora_parameters(init_lora_weights)
+
+    def reset_lora_parameters(self, init_lora_weights: InitLoraWeights = True) -> None:
+        """Draws A and B afresh, as ``init_lora_weights`` says (``lora_torch.initialize``)."""
         init_linear_branch(self.lora_A, self.lora_B, init_lora_weights)
 
     @property
@@ -268,5 +272,6 @@ class Conv1DWithLoRA(LoRAWrapper):
         super().__init__(conv1d, in_features, out_features, lora)
 
 
-# The wrapper for each supported base type; inject_lora dispatches on this table.
-WRAPPER_FOR_TYPE: dict[type[nn.Module], type[LoRAWrapper]] = {nn.Linear: LinearWithLoRA, Conv1D: Conv1DWithLoRA}
+# The wrapper for each linear base type; inject_lora's table (lora_torch.inject.WRAPPER_FOR_TYPE) adds embeddings.
+LINEAR_WRAPPER_FOR_TYPE: dict[type[nn.Module], type[LoRAWrapper]] = {nn.Linear: LinearWithLoRA,
+                                                                     Conv1D: Conv1DWithLoRA}

@@ -1,16 +1,24 @@
 """Merge: fold each LoRA update into its base weight, and the way back.
 
-``merge_lora_weights`` replaces every wrapper with a copy of its base layer (a plain ``nn.Linear``
-or ``Conv1D``) whose weight is ``W0 + s * (A @ B).T`` (Linear, (out, in)) or ``W0 + s * A @ B``
-(Conv1D, (in, out)); a DoRA wrapper writes ``(m / ||W0 + s A B||) * (W0 + s A B)`` instead
-(``lora_torch.dora``). Subtracting the update again would not give ``W0`` back bit for bit (float
-rounding), so by default the merged layer keeps a reference to its wrapper, whose ``base_layer``
-still holds the untouched ``W0``; ``unmerge_lora_weights`` puts the wrapper back, exactly.
+``merge_lora_weights`` replaces every wrapper with a copy of its base layer (a plain ``nn.Linear``,
+``Conv1D`` or ``nn.Embedding``) whose weight is ``W0 + s * (A @ B).T`` (Linear, (out, in)) or
+``W0 + s * A @ B`` (Conv1D (in, out), Embedding (num_embeddings, dim)); a DoRA wrapper writes
+``(m / ||W0 + s A B||) * (W0 + s A B)`` instead (``lora_torch.dora``). Subtracting the update again
+would not give ``W0`` back bit for bit (float rounding), so by default the merged layer keeps a
+reference to its wrapper, whose ``base_layer`` still holds the untouched ``W0``;
+``unmerge_lora_weights`` puts the wrapper back, exactly.
+
+A base weight that is tied to another module (GPT-2's ``wte`` and ``lm_head`` share one Parameter)
+is merged in place instead, as PEFT's ``merge_and_unload`` does: a copy would untie it. The merged
+layer is the base layer itself, the tie holds, and the other module sees the merged weight too, so
+merged logits differ from unmerged ones (which adapt only the wrapped module); a warning says so.
+A copy of ``W0`` is kept for the unmerge, which writes it back into the shared Parameter.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
@@ -18,20 +26,43 @@ from torch import nn
 from lora_torch.inject import lora_wrappers
 from lora_torch.layers import LoRAWrapper
 
+logger = logging.getLogger(__name__)
+
 # Set with object.__setattr__ so the wrapper is not registered as a submodule: the merged model's
 # state_dict, parameters() and save_pretrained see only the plain layer.
 _UNMERGE_ATTR = "lora_unmerge_wrapper"
+_UNMERGE_WEIGHT_ATTR = "lora_unmerge_weight"  # W0 of a layer merged in place (a tied weight)
 
 
-def _merged_layer(wrapper: LoRAWrapper, keep_for_unmerge: bool) -> nn.Module:
+def _tied_to(model: nn.Module, name: str, wrapper: LoRAWrapper) -> list[str]:
+    """The other parameter names that hold the wrapper's base weight (``["lm_head.weight"]`` for GPT-2's wte)."""
+    own = f"{name}.base_layer.weight"
+    weight = wrapper.base_layer.weight
+    return [other for other, param in model.named_parameters(remove_duplicate=False)
+            if param is weight and other != own]
+
+
+def _merged_layer(wrapper: LoRAWrapper, keep_for_unmerge: bool, tied: bool) -> nn.Module:
     base = wrapper.base_layer
-    merged = copy.deepcopy(base) if keep_for_unmerge else base
+    in_place = tied or not keep_for_unmerge
+    merged = base if in_place else copy.deepcopy(base)
     with torch.no_grad():
-        # Computed from the wrapper's own base_layer before anything is written (in place when not kept).
-        merged.weight.copy_(wrapper.merged_weight().to(merged.weight.dtype))
+        # Computed from the wrapper's own base_layer before anything is written.
+        weight = wrapper.merged_weight().to(merged.weight.dtype)
+        if keep_for_unmerge and in_place:
+            object.__setattr__(merged, _UNMERGE_WEIGHT_ATTR, merged.weight.detach().clone())
+        merged.weight.copy_(weight)
     if keep_for_unmerge:
         object.__setattr__(merged, _UNMERGE_ATTR, wrapper)
     return merged
+
+
+def _warn_tied(name: str, tied: list[str]) -> None:
+    logger.warning(
+        "merge_lora_weights: %s's weight is tied to %s, so the merge writes the merged weight into that shared "
+        "Parameter and %s changes too. The merged model's logits will differ from the unmerged one's, which adapts "
+        "only %s (PEFT's merge_and_unload does the same). unmerge_lora_weights restores both.",
+        name, ", ".join(tied), ", ".join(t.removesuffix(".weight") for t in tied), name)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -41,6 +72,9 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def merge_lora_weights(model: nn.Module, *, keep_for_unmerge: bool = True) -> nn.Module:
     """Replaces every LoRA wrapper with a plain layer holding the merged weight; returns ``model``.
+
+    A base weight tied to another module is merged in place, keeping the tie (module docstring), and
+    a WARNING is logged: the other module changes too, so merged logits differ from unmerged ones.
 
     Args:
         model: a model with LoRA injected (modified in place).
@@ -60,7 +94,10 @@ def merge_lora_weights(model: nn.Module, *, keep_for_unmerge: bool = True) -> nn
     if not wrappers:
         raise ValueError(f"{type(model).__name__} has no LoRA wrappers to merge; call inject_lora(model, ...) first.")
     for name, wrapper in wrappers.items():
-        _replace(model, name, _merged_layer(wrapper, keep_for_unmerge))
+        tied = _tied_to(model, name, wrapper)
+        if tied:
+            _warn_tied(name, tied)
+        _replace(model, name, _merged_layer(wrapper, keep_for_unmerge, bool(tied)))
     return model
 
 
@@ -86,8 +123,13 @@ def unmerge_lora_weights(model: nn.Module) -> nn.Module:
                          "merge_lora_weights(model) those first, then unmerge.")
     if not restorable:
         raise ValueError("nothing to unmerge: no layer was merged by merge_lora_weights(model, keep_for_unmerge=True).")
-    for name, wrapper in restorable.items():
+    # Reverse order: two wrappers merged in turn into one tied weight are unwound last-merged first.
+    for name, wrapper in reversed(restorable.items()):
         merged = model.get_submodule(name)
+        if _UNMERGE_WEIGHT_ATTR in merged.__dict__:  # merged in place: write W0 back into the shared Parameter
+            with torch.no_grad():
+                merged.weight.copy_(merged.__dict__.pop(_UNMERGE_WEIGHT_ATTR))
+        del merged.__dict__[_UNMERGE_ATTR]  # merged may be wrapper.base_layer itself; it must not look merged
         # Follow any .to(device/dtype) the model had after the merge; the kept wrapper was not moved with it.
         wrapper.to(device=merged.weight.device, dtype=merged.weight.dtype)
         _replace(model, name, wrapper)

@@ -2,7 +2,9 @@
 
 Tensor keys are ``base_model.model.<module>.lora_A.weight`` holding ``A.T`` (r, in) and
 ``...lora_B.weight`` holding ``B.T`` (out, r), float32, exactly what ``peft`` writes and reads; a DoRA
-module adds ``...lora_magnitude_vector`` (out,). The keys come from ``lora_format.peft_keys``, shared with lora_jax.
+module adds ``...lora_magnitude_vector`` (out,), and an embedding stores ``...lora_embedding_A`` (``A.T``,
+(r, num_embeddings)) and ``...lora_embedding_B`` (``B.T``, (dim, r)) instead. The keys come from
+``lora_format.peft_keys``, shared with lora_jax.
 
 Saving and reading go through ``lora_format.adapter_dir``: a save replaces the whole directory in
 one atomic step, a read takes both files from one save, and the weights' metadata records the
@@ -27,7 +29,8 @@ from lora_format.adapter_dir import (
     save_adapter_dir,
     weights_metadata,
 )
-from lora_format.peft_keys import KEY_PREFIX, LORA_A, LORA_B, LORA_MAGNITUDE, module_key
+from lora_format.peft_keys import EMBEDDING_A, EMBEDDING_B, KEY_PREFIX, LORA_A, LORA_B, LORA_MAGNITUDE, module_key
+from lora_torch.embedding import EmbeddingWithLoRA
 from lora_torch.inject import check_wrappable, find_target_modules, inject_lora, lora_wrappers
 from lora_torch.layers import LoRAWrapper, lora_scaling
 from lora_torch.lora_weights import check_tensors_fit
@@ -39,7 +42,7 @@ __all__ = ["CONFIG_NAME", "KEY_PREFIX", "PICKLED_WEIGHTS_NAME", "WEIGHTS_NAME", 
 
 
 def peft_keys(module_name: str) -> tuple[str, str]:
-    """Returns the PEFT tensor keys of a module's A and B (``lora_format.peft_keys.module_key``).
+    """Returns the PEFT tensor keys of a linear module's A and B (``lora_format.peft_keys.module_key``).
 
     >>> peft_keys("transformer.h.0.attn.c_attn")[1]
     'base_model.model.transformer.h.0.attn.c_attn.lora_B.weight'
@@ -47,9 +50,15 @@ def peft_keys(module_name: str) -> tuple[str, str]:
     return module_key(module_name, LORA_A), module_key(module_name, LORA_B)
 
 
+def _ab_parts(module: nn.Module) -> tuple[str, str]:
+    """The PEFT parts that hold A and B for this module (embeddings have their own)."""
+    return (EMBEDDING_A, EMBEDDING_B) if isinstance(module, (nn.Embedding, EmbeddingWithLoRA)) else (LORA_A, LORA_B)
+
+
 def _peft_tensors(wrapper: LoRAWrapper) -> dict[str, torch.Tensor]:
     """A wrapper's tensors by PEFT part, in PEFT's layout (live parameters, not copies)."""
-    parts = {LORA_A: wrapper.lora.lora_A.T, LORA_B: wrapper.lora.lora_B.T}
+    part_a, part_b = _ab_parts(wrapper)
+    parts = {part_a: wrapper.lora.lora_A.T, part_b: wrapper.lora.lora_B.T}
     if wrapper.lora.use_dora:
         parts[LORA_MAGNITUDE] = wrapper.lora.magnitude
     return parts
@@ -94,7 +103,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
 def _in_out(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, (LoRAWrapper, nn.Linear)):
         return module.in_features, module.out_features
-    return tuple(module.weight.shape)  # Conv1D stores (in, out)
+    return tuple(module.weight.shape)  # Conv1D stores (in, out), nn.Embedding (num_embeddings, dim)
 
 
 def _same_rank_and_scaling(name: str, wrapper: LoRAWrapper, spec: AdapterSpec) -> bool:
@@ -121,8 +130,9 @@ def _expected_shapes(modules: dict[str, nn.Module], spec: AdapterSpec) -> dict[s
     for name, module in modules.items():
         in_features, out_features = _in_out(module)
         rank, _ = spec.module_rank_alpha(name)
-        expected[module_key(name, LORA_A)] = torch.empty(rank, in_features, device="meta")
-        expected[module_key(name, LORA_B)] = torch.empty(out_features, rank, device="meta")
+        part_a, part_b = _ab_parts(module)
+        expected[module_key(name, part_a)] = torch.empty(rank, in_features, device="meta")
+        expected[module_key(name, part_b)] = torch.empty(out_features, rank, device="meta")
         if spec.use_dora:
             expected[module_key(name, LORA_MAGNITUDE)] = torch.empty(out_features, device="meta")
     return expected
@@ -149,7 +159,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, allow_nonfin
         ValueError: bad or unsupported config, config and weights from different saves, truncated
             file, missing/unknown keys, wrong shapes (e.g. an adapter for a different base model),
             non-float tensors, NaN/inf values, or incompatible existing LoRA.
-        TypeError: the config targets modules that are not ``nn.Linear`` / ``Conv1D``.
+        TypeError: the config targets modules that are not ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding``.
     """
     files = read_adapter_files(directory)
     directory = files.directory

@@ -22,6 +22,7 @@ from torch import nn
 
 from lora_format.patterns import Pattern, module_rank_alpha, pattern_key, resolve_modules
 from lora_format.peft_fields import read_adapter_config
+from lora_torch.embedding import EmbeddingWithLoRA
 from lora_torch.inject import lora_wrappers, select_modules
 from lora_torch.layers import Conv1DWithLoRA, LoRAWrapper
 from lora_torch.targeting import TargetModules, layer_index
@@ -97,6 +98,12 @@ def exact_key(name: str, names: Sequence[str]) -> str:
     return "^" + re.escape(name)
 
 
+def _dropout(wrappers: dict[str, LoRAWrapper]) -> float:
+    # PEFT never applies lora_dropout to embeddings, and their branches hold none; the others must agree.
+    linear = {name: w for name, w in wrappers.items() if not isinstance(w, EmbeddingWithLoRA)}
+    return _uniform(linear, "dropout_p") if linear else 0.0
+
+
 def _most_common(values: Sequence):
     return Counter(values).most_common(1)[0][0]  # ties: the first module's value
 
@@ -143,7 +150,7 @@ def build_adapter_config(model: nn.Module, base_model_name_or_path: str | None =
         "task_type": _task_type(model),
         "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": _uniform(wrappers, "dropout_p"),
+        "lora_dropout": _dropout(wrappers),
         "use_rslora": _uniform(wrappers, "use_rslora"),
         "target_modules": target_modules,
         "layers_to_transform": layers_to_transform,
