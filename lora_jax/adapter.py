@@ -39,7 +39,7 @@ from typing import Any
 import jax
 
 from lora_jax.config import LoraConfig
-from lora_jax.lora_tree import LORA_MAGNITUDE, ModulePath, lora_modules, magnitudes
+from lora_jax.lora_tree import LORA_MAGNITUDE, ModulePath, embedding_paths, lora_modules, magnitudes
 from lora_jax.targets import dotted_name
 
 
@@ -66,6 +66,10 @@ class Adapter:
             ValueError: A module dict does not hold exactly ``lora_A`` and ``lora_B``.
         """
         return lora_modules(self.weights)
+
+    def embeddings(self) -> tuple[ModulePath, ...]:
+        """The paths of the adapted embeddings (``lora_embedding_A``/``_B`` modules), in tree order."""
+        return embedding_paths(self.weights)
 
     def magnitudes(self) -> dict[ModulePath, Any]:
         """``{module_path: m}``: DoRA's magnitude vectors (out,), empty for plain LoRA."""

@@ -1,7 +1,9 @@
 """The LoRA forward pass, added to any Flax model by intercepting ``nn.Dense`` calls.
 
 Inside ``lora_interception`` each ``flax.linen.Dense`` whose module path is in the LoRA tree
-returns ``x W0 + b + s * (dropout(x) A) B`` (a DoRA module: ``lora_jax.dora.dora_output``). The model's code is untouched, its params stay
+returns ``x W0 + b + s * (dropout(x) A) B`` (a DoRA module: ``lora_jax.dora.dora_output``), and
+each adapted ``flax.linen.Embed`` returns ``E[ids] + s * A[ids] B`` from its ``__call__``. An Embed's
+``attend`` (the tied output head of GPT-2) is left alone: PEFT adapts the input lookup only. The model's code is untouched, its params stay
 frozen arguments, and the branch is the factorised product: ``W0 + s A B`` is never formed,
 which keeps a training step near 4N FLOPs per token instead of full fine-tuning's 6N.
 
@@ -86,6 +88,16 @@ def lora_branch(
     return jnp.matmul(h, b.astype(dtype), precision=precision) * jnp.asarray(scaling, dtype)  # (..., out)
 
 
+def embedding_branch(ids: jax.Array, a: jax.Array, b: jax.Array, scaling: float, *, dtype: Any) -> jax.Array:
+    """``s * A[ids] B`` in ``dtype``: an embedding's LoRA output for integer ``ids`` (...,), shape (..., features).
+
+    >>> embedding_branch(jnp.array([1]), jnp.array([[0.0], [2.0]]), jnp.ones((1, 3)), 0.5, dtype=jnp.float32).tolist()
+    [[1.0, 1.0, 1.0]]
+    """
+    rows = jnp.take(a.astype(dtype), ids, axis=0)  # (..., r)
+    return jnp.matmul(rows, b.astype(dtype)) * jnp.asarray(scaling, dtype)
+
+
 @contextlib.contextmanager
 def lora_interception(
     adapter: Adapter,
@@ -113,21 +125,24 @@ def lora_interception(
     """
     entries = checked_modules(adapter)
     magnitudes = adapter.magnitudes()
+    embeddings = set(adapter.embeddings())
     dropout = adapter.config.dropout
     applied: set[ModulePath] = set()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, nn.Dense):
-            return next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Embed)):
+            return next_fun(*args, **kwargs)  # an Embed's attend (GPT-2's tied head) is never adapted, as in PEFT
         path = tuple(module.path)
-        if path not in entries:
+        if path not in entries or isinstance(module, nn.Embed) != (path in embeddings):
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
         a, b = entries[path]
-        rng = None if dropout_rng is None else module_rng(dropout_rng, path)
         applied.add(path)
+        if path in embeddings:  # PEFT applies no dropout to an embedding's LoRA
+            return y + embedding_branch(x, a, b, adapter.scaling(path), dtype=y.dtype)
+        rng = None if dropout_rng is None else module_rng(dropout_rng, path)
         if path in magnitudes:
             return _dora(module, y, x, a, b, magnitudes[path], adapter.scaling(path), dropout, rng)
         branch = lora_branch(
@@ -140,9 +155,9 @@ def lora_interception(
     missing = [dotted_name(p) for p in entries if p not in applied]
     if strict and missing:
         raise ValueError(
-            f"LoRA modules {missing[:8]} were never called as flax.linen.Dense layers in this forward pass. "
-            "The adapter must mirror the module paths of the model being applied (pass "
-            "variables['params'] to init_lora), and only nn.Dense layers can be adapted."
+            f"LoRA modules {missing[:8]} were never called as flax.linen.Dense (or, for lora_embedding_A/B, "
+            "flax.linen.Embed) layers in this forward pass. The adapter must mirror the module paths of the model "
+            "being applied (pass variables['params'] to init_lora), and only those layer types can be adapted."
         )
 
 

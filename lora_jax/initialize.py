@@ -9,6 +9,9 @@
   PEFT's ``lora_B`` ``nn.Linear(r, out)`` that PEFT leaves in place. The adapter is then not the
   identity, which is what tests of merging and of PEFT interchange need.
 
+An embedding (``nn.Embed``) gets PEFT's embedding init instead: ``A = 0`` and ``B ~ N(0, 1)`` for
+``True`` and ``"gaussian"``, both ``N(0, 1)`` for ``False``; A is (num_embeddings, r), B (r, features).
+
 A DoRA config also gets ``lora_magnitude_vector = ||W0 + s A B||_c`` (``lora_jax.dora``), so
 ``init_lora`` reads the kernels' values, not only their shapes, when ``use_dora`` is on.
 
@@ -41,8 +44,8 @@ import jax.numpy as jnp
 from lora_jax.adapter import Adapter
 from lora_jax.config import LoraConfig
 from lora_jax.delta import lora_delta
-from lora_jax.lora_tree import LORA_A, LORA_B, LORA_MAGNITUDE, ModulePath, get_module, nest
-from lora_jax.targets import dotted_name, target_kernel_shapes
+from lora_jax.lora_tree import EMBEDDING_A, EMBEDDING_B, LORA_A, LORA_B, LORA_MAGNITUDE, ModulePath, get_module, nest
+from lora_jax.targets import dotted_name, is_embedding, target_kernel_shapes
 
 
 def a_init_bound(fan_in: int) -> float:
@@ -108,6 +111,10 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
     keys = jax.random.split(key, len(shapes))
     entries = {}
     for (path, (fan_in, fan_out, rank)), module_key in zip(shapes.items(), keys):
+        if is_embedding(get_module(params, path)):
+            entries[path] = dict(zip((EMBEDDING_A, EMBEDDING_B),
+                                     fresh_embedding_factors(module_key, fan_in, fan_out, rank, config.init_lora_weights)))
+            continue
         a, b = fresh_factors(module_key, fan_in, fan_out, rank, config.init_lora_weights)
         entries[path] = {LORA_A: a, LORA_B: b}
         if config.use_dora:
@@ -115,6 +122,20 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
             entries[path][LORA_MAGNITUDE] = jnp.linalg.norm(
                 jnp.asarray(kernel, jnp.float32) + lora_delta(a, b, config.module_scaling(dotted_name(path))), axis=0)
     return Adapter(nest(entries), config)
+
+
+def fresh_embedding_factors(key: jax.Array, num_embeddings: int, features: int, rank: int, init: bool | str = True
+                            ) -> tuple[jax.Array, jax.Array]:
+    """``(A, B)`` float32 for an embedding, PEFT's way: ``A = 0``, ``B ~ N(0, 1)`` (both N(0, 1) when ``init`` is False).
+
+    >>> a, b = fresh_embedding_factors(jax.random.key(0), 50, 8, 2)
+    >>> a.shape, b.shape, float(abs(a).max()), float(abs(b).max()) > 0
+    ((50, 2), (2, 8), 0.0, True)
+    """
+    b = jax.random.normal(jax.random.fold_in(key, 1), (rank, features), jnp.float32)
+    if init is False:
+        return jax.random.normal(key, (num_embeddings, rank), jnp.float32), b
+    return jnp.zeros((num_embeddings, rank), jnp.float32), b
 
 
 def fresh_factors(key: jax.Array, fan_in: int, fan_out: int, rank: int, init: bool | str = True

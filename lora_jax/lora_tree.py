@@ -2,7 +2,10 @@
 
 Each adapted module contributes one dict with two leaves, ``lora_A`` (in, r) and ``lora_B``
 (r, out), at the same path its ``kernel`` has in the params tree (docs/architecture.md). A DoRA
-module holds a third, ``lora_magnitude_vector`` (out,), PEFT's name for DoRA's magnitude ``m``.
+module holds a third, ``lora_magnitude_vector`` (out,), PEFT's name for DoRA's magnitude ``m``. An
+adapted embedding (``nn.Embed``, e.g. GPT-2's ``wte``) holds ``lora_embedding_A`` (num_embeddings, r)
+and ``lora_embedding_B`` (r, features) instead, PEFT's names; its update ``s A B`` has the shape of
+the embedding table.
 
 Example:
     >>> import numpy as np
@@ -21,8 +24,12 @@ from typing import Any
 LORA_A = "lora_A"
 LORA_B = "lora_B"
 LORA_MAGNITUDE = "lora_magnitude_vector"
+EMBEDDING_A = "lora_embedding_A"
+EMBEDDING_B = "lora_embedding_B"
 LORA_KEYS = (LORA_A, LORA_B)
-LEAF_NAMES = (LORA_A, LORA_B, LORA_MAGNITUDE)
+LEAF_NAMES = (LORA_A, LORA_B, LORA_MAGNITUDE, EMBEDDING_A, EMBEDDING_B)
+# The leaf sets a module dict may hold: plain LoRA, DoRA, an embedding's LoRA.
+_MODULE_KINDS = ({LORA_A, LORA_B}, {LORA_A, LORA_B, LORA_MAGNITUDE}, {EMBEDDING_A, EMBEDDING_B})
 
 ModulePath = tuple[str, ...]
 
@@ -51,20 +58,22 @@ def nest(entries: Mapping[ModulePath, Any]) -> dict[str, Any]:
 def lora_modules(lora: Mapping[str, Any], prefix: ModulePath = ()) -> dict[ModulePath, tuple[Any, Any]]:
     """Flattens a LoRA tree to ``{module_path: (A, B)}`` in tree order.
 
-    A DoRA module's ``lora_magnitude_vector`` is left out here; ``magnitudes`` returns those.
+    An embedding's ``(lora_embedding_A, lora_embedding_B)`` is its ``(A, B)``; ``embedding_paths``
+    tells those modules apart. A DoRA module's ``lora_magnitude_vector`` is left out here;
+    ``magnitudes`` returns those.
 
     Raises:
         ValueError: A module dict does not hold ``lora_A`` and ``lora_B`` (and optionally
-            ``lora_magnitude_vector``) and nothing else.
+            ``lora_magnitude_vector``), or ``lora_embedding_A`` and ``lora_embedding_B``, and nothing else.
     """
     found: dict[ModulePath, tuple[Any, Any]] = {}
     if any(key in lora for key in LEAF_NAMES):
-        if set(lora) not in (set(LORA_KEYS), set(LEAF_NAMES)):
+        if set(lora) not in _MODULE_KINDS:
             raise ValueError(
                 f"LoRA module {'.'.join(prefix)!r} must hold {LORA_KEYS} (and {LORA_MAGNITUDE!r} for DoRA), "
-                f"got keys {sorted(lora)}."
+                f"or {(EMBEDDING_A, EMBEDDING_B)} for an embedding; got keys {sorted(lora)}."
             )
-        found[prefix] = (lora[LORA_A], lora[LORA_B])
+        found[prefix] = (lora[LORA_A], lora[LORA_B]) if LORA_A in lora else (lora[EMBEDDING_A], lora[EMBEDDING_B])
         return found
     for key, value in lora.items():
         if not isinstance(value, Mapping):
@@ -86,6 +95,16 @@ def magnitudes(lora: Mapping[str, Any]) -> dict[ModulePath, Any]:
     """
     return {path: module[LORA_MAGNITUDE] for path in lora_modules(lora)
             if LORA_MAGNITUDE in (module := get_module(lora, path))}
+
+
+def embedding_paths(lora: Mapping[str, Any]) -> tuple[ModulePath, ...]:
+    """The paths of the modules that hold an embedding's LoRA (``lora_embedding_A``/``_B``), in tree order.
+
+    >>> import numpy as np
+    >>> embedding_paths({"wte": {"lora_embedding_A": np.zeros((9, 1)), "lora_embedding_B": np.zeros((1, 4))}})
+    (('wte',),)
+    """
+    return tuple(path for path in lora_modules(lora) if EMBEDDING_A in get_module(lora, path))
 
 
 def get_module(params: Mapping[str, Any], path: ModulePath) -> Mapping[str, Any] | None:

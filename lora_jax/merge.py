@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,15 +33,18 @@ from lora_jax.dora import merged_kernel, unmerged_kernel, weight_norm
 from lora_jax.lora_tree import ModulePath, get_module
 from lora_jax.targets import dotted_name
 
+_log = logging.getLogger(__name__)
 
-def _checked_kernel(params: Mapping[str, Any], path: ModulePath, a: Any, b: Any) -> Any:
+
+def _checked_kernel(params: Mapping[str, Any], path: ModulePath, a: Any, b: Any, embedding: bool) -> Any:
     module = get_module(params, path)
-    if module is None or "kernel" not in module:
+    name = "embedding" if embedding else "kernel"
+    if module is None or name not in module:
         raise ValueError(
-            f"LoRA module {dotted_name(path)!r} has no kernel in params; merge needs the params "
+            f"LoRA module {dotted_name(path)!r} has no {name} in params; merge needs the params "
             "the adapter was made for."
         )
-    kernel = module["kernel"]
+    kernel = module[name]
     expected = (kernel.shape[0], a.shape[1]), (a.shape[1], kernel.shape[1])
     if (tuple(a.shape), tuple(b.shape)) != expected:
         raise ValueError(
@@ -51,11 +55,11 @@ def _checked_kernel(params: Mapping[str, Any], path: ModulePath, a: Any, b: Any)
 
 
 def _with_kernels(params: Mapping[str, Any], new_kernels: Mapping[ModulePath, Any], path: ModulePath = ()) -> dict:
-    """A copy of ``params`` whose kernels at ``new_kernels``' paths are replaced."""
+    """A copy of ``params`` whose kernels (or embedding tables) at ``new_kernels``' paths are replaced."""
     out = {}
     for key, value in params.items():
         here = (*path, key)
-        if key == "kernel" and path in new_kernels:
+        if key in ("kernel", "embedding") and path in new_kernels:
             out[key] = new_kernels[path]
         elif isinstance(value, Mapping):
             out[key] = _with_kernels(value, new_kernels, here)
@@ -66,7 +70,9 @@ def _with_kernels(params: Mapping[str, Any], new_kernels: Mapping[ModulePath, An
 
 def _checked_kernels(params: Mapping[str, Any], adapter: Adapter) -> dict[ModulePath, Any]:
     # Validate every module before computing anything, so a bad adapter changes nothing.
-    return {path: _checked_kernel(params, path, a, b) for path, (a, b) in checked_modules(adapter).items()}
+    modules = checked_modules(adapter)
+    embeddings = set(adapter.embeddings())
+    return {path: _checked_kernel(params, path, a, b, path in embeddings) for path, (a, b) in modules.items()}
 
 
 def _new_kernel(kernel: Any, adapter: Adapter, path: ModulePath, sign: float, norms: Mapping | None) -> Any:
@@ -85,7 +91,9 @@ def _new_kernel(kernel: Any, adapter: Adapter, path: ModulePath, sign: float, no
 def merge(params: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
     """Returns params whose adapted kernels are ``W0 + s A B``; the result has no LoRA branch.
 
-    A DoRA module's kernel becomes ``(m / ||V||_c) * V`` with ``V = W0 + s A B`` (``lora_jax.dora``).
+    A DoRA module's kernel becomes ``(m / ||V||_c) * V`` with ``V = W0 + s A B`` (``lora_jax.dora``). An
+    embedding's table becomes ``E + s A B``; a head tied to it (GPT-2) then changes too, as in PEFT,
+    which is logged as a warning.
 
     Args:
         params: The base params (not modified).
@@ -97,6 +105,11 @@ def merge(params: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
             they disagree with the adapter's rank.
     """
     kernels = _checked_kernels(params, adapter)
+    if adapter.embeddings():
+        _log.warning(
+            "merging LoRA into the embeddings %s: a model whose output head is tied to such a table (GPT-2's wte) "
+            "then applies the update in the head too, so merged logits differ from unmerged ones; PEFT's "
+            "merge_and_unload does the same (docs/variants.md).", [dotted_name(p) for p in adapter.embeddings()])
     return _with_kernels(params, {path: _new_kernel(k, adapter, path, 1.0, None) for path, k in kernels.items()})
 
 

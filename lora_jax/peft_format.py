@@ -63,19 +63,20 @@ from lora_format.peft_fields import read_adapter_config
 from lora_jax.adapter import Adapter, checked_modules
 from lora_jax.config import INIT_OPTIONS, LoraConfig
 from lora_jax.initialize import factor_shapes
-from lora_jax.lora_tree import LORA_A, LORA_B, LORA_MAGNITUDE, ModulePath, nest
-from lora_jax.targets import dotted_name
+from lora_jax.lora_tree import EMBEDDING_A, EMBEDDING_B, LORA_A, LORA_B, LORA_MAGNITUDE, ModulePath, get_module, nest
+from lora_jax.targets import dotted_name, is_embedding
 
 CONFIG_FILE = CONFIG_NAME
 WEIGHTS_FILE = WEIGHTS_NAME
 KEY_PREFIX = peft_keys.KEY_PREFIX
 # This project's leaf name -> PEFT's key part (lora_format.peft_keys).
-_PARTS = {LORA_A: peft_keys.LORA_A, LORA_B: peft_keys.LORA_B, LORA_MAGNITUDE: peft_keys.LORA_MAGNITUDE}
+_PARTS = {LORA_A: peft_keys.LORA_A, LORA_B: peft_keys.LORA_B, LORA_MAGNITUDE: peft_keys.LORA_MAGNITUDE,
+          EMBEDDING_A: peft_keys.EMBEDDING_A, EMBEDDING_B: peft_keys.EMBEDDING_B}
 _LEAVES = {part: leaf for leaf, part in _PARTS.items()}
 
 
 def peft_key(path: ModulePath, which: str) -> str:
-    """``base_model.model.<dotted name>.lora_A.weight`` (``lora_B.weight``, ``lora_magnitude_vector``).
+    """``base_model.model.<dotted name>.lora_A.weight`` (``lora_B.weight``, ``lora_magnitude_vector``, ``lora_embedding_A``...).
 
     >>> peft_key(("transformer", "h", "0", "attn", "c_attn"), "lora_B")
     'base_model.model.transformer.h.0.attn.c_attn.lora_B.weight'
@@ -84,13 +85,13 @@ def peft_key(path: ModulePath, which: str) -> str:
 
 
 def peft_state_dict(adapter: Adapter) -> dict[str, np.ndarray]:
-    """The adapter as PEFT's tensors: ``A.T`` (r, in), ``B.T`` (out, r) and DoRA's ``m`` (out,), float32."""
+    """The adapter as PEFT's tensors, float32: ``A.T`` (r, in), ``B.T`` (out, r), DoRA's ``m`` (out,), and an
+    embedding's ``lora_embedding_A`` (r, num_embeddings) and ``lora_embedding_B`` (features, r)."""
     tensors = {}
-    for path, (a, b) in checked_modules(adapter).items():
-        tensors[peft_key(path, LORA_A)] = np.ascontiguousarray(np.asarray(a, np.float32).T)
-        tensors[peft_key(path, LORA_B)] = np.ascontiguousarray(np.asarray(b, np.float32).T)
-    for path, m in adapter.magnitudes().items():
-        tensors[peft_key(path, LORA_MAGNITUDE)] = np.ascontiguousarray(np.asarray(m, np.float32))
+    for path in checked_modules(adapter):
+        for leaf, value in get_module(adapter.weights, path).items():
+            array = np.asarray(value, np.float32)
+            tensors[peft_key(path, leaf)] = np.ascontiguousarray(array.T if array.ndim == 2 else array)
     return tensors
 
 
@@ -267,8 +268,9 @@ def _module_of(key: str) -> tuple[ModulePath, str]:
 def _check_keys_and_shapes(shapes: Mapping[str, tuple[int, ...]], params: Mapping[str, Any], config: LoraConfig) -> None:
     expected = {}
     for path, (fan_in, fan_out, rank) in factor_shapes(params, config).items():  # each module at its own rank
-        expected[peft_key(path, LORA_A)] = (rank, fan_in)
-        expected[peft_key(path, LORA_B)] = (fan_out, rank)
+        leaf_a, leaf_b = (EMBEDDING_A, EMBEDDING_B) if is_embedding(get_module(params, path)) else (LORA_A, LORA_B)
+        expected[peft_key(path, leaf_a)] = (rank, fan_in)
+        expected[peft_key(path, leaf_b)] = (fan_out, rank)
         if config.use_dora:
             expected[peft_key(path, LORA_MAGNITUDE)] = (fan_out,)
     unexpected = sorted(set(shapes) - set(expected))
@@ -324,5 +326,5 @@ def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any], *, a
     for key, tensor in tensors.items():
         path, which = _module_of(key)
         array = jnp.asarray(tensor, jnp.float32)
-        entries.setdefault(path, {})[which] = array if which == LORA_MAGNITUDE else array.T
+        entries.setdefault(path, {})[which] = array.T if array.ndim == 2 else array
     return Adapter(nest(dict(sorted(entries.items()))), config)

@@ -24,7 +24,8 @@ from lora_format.all_linear import expand_all_linear, is_all_linear
 from lora_jax.config import LoraConfig
 from lora_jax.lora_tree import ModulePath, get_module
 
-SUPPORTED_MODULES = "modules holding a 2-D 'kernel' (in, out) leaf, i.e. flax.linen.Dense"
+SUPPORTED_MODULES = ("modules holding a 2-D 'kernel' (in, out) leaf, i.e. flax.linen.Dense, or a 2-D 'embedding' "
+                     "(num_embeddings, features) leaf, i.e. flax.linen.Embed")
 
 # What "all-linear" leaves out: PEFT drops model.get_output_embeddings(), which a params tree cannot name, so the
 # output layer is recognised by transformers' name for it, a top-level "lm_head". (GPT-2's head is tied to wte,
@@ -54,6 +55,18 @@ def is_dense(module: Mapping[str, Any]) -> bool:
     """True when a module dict holds a 2-D ``kernel`` leaf (arrays or ``ShapeDtypeStruct``)."""
     kernel = module.get("kernel")
     return kernel is not None and not isinstance(kernel, Mapping) and len(getattr(kernel, "shape", ())) == 2
+
+
+def is_embedding(module: Mapping[str, Any]) -> bool:
+    """True when a module dict holds a 2-D ``embedding`` leaf and no kernel: a ``flax.linen.Embed``."""
+    table = module.get("embedding")
+    return ("kernel" not in module and table is not None and not isinstance(table, Mapping)
+            and len(getattr(table, "shape", ())) == 2)
+
+
+def base_weight_name(module: Mapping[str, Any]) -> str:
+    """The leaf LoRA adapts: ``"kernel"`` (a Dense, (in, out)) or ``"embedding"`` (an Embed, (num_embeddings, features))."""
+    return "embedding" if is_embedding(module) else "kernel"
 
 
 def name_matches(name: str, target_modules: tuple[str, ...] | str) -> bool:
@@ -128,7 +141,8 @@ def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[Modu
 
     Raises:
         ValueError: Nothing matches (the message lists the candidate names), a matched module
-            is not a dense layer, or ``config.rank`` exceeds ``min(in, out)`` of a matched module.
+            is neither a dense layer nor an embedding, ``use_dora`` selects an embedding, or
+            ``config.rank`` exceeds ``min(in, out)`` of a matched module.
     """
     _check_params_root(params)
     modules = list(iter_modules(params))
@@ -137,22 +151,28 @@ def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[Modu
         matched = [(p, m) for p, m in modules if dotted_name(p) in names]
     else:
         matched = [(p, m) for p, m in modules if _selected(p, config)]
-    unsupported = [dotted_name(p) for p, m in matched if not is_dense(m)]
+    unsupported = [dotted_name(p) for p, m in matched if not (is_dense(m) or is_embedding(m))]
     if unsupported:
         raise ValueError(
             f"target_modules {config.target_modules!r} matched modules LoRA cannot adapt: {unsupported[:8]}. "
-            f"Supported: {SUPPORTED_MODULES}. Name the dense layers themselves."
+            f"Supported: {SUPPORTED_MODULES}. Name the dense layers or embeddings themselves."
         )
     if not matched:
-        candidates = [dotted_name(p) for p, m in modules if is_dense(m)]
+        candidates = [dotted_name(p) for p, m in modules if is_dense(m) or is_embedding(m)]
         raise ValueError(
             f"target_modules {config.target_modules!r} (layers_to_transform={config.layers_to_transform}) "
-            f"matched no module. Dense modules in these params: {candidates[:40]}"
+            f"matched no module. Dense and Embed modules in these params: {candidates[:40]}"
             f"{' ...' if len(candidates) > 40 else ''}. A list entry must equal a name or its last "
             "dot-separated parts; a single string must match a whole name as a regex."
         )
+    embeddings = [dotted_name(p) for p, m in matched if is_embedding(m)]
+    if config.use_dora and embeddings:
+        raise ValueError(
+            f"use_dora is supported on dense layers only, and target_modules also selects the embeddings {embeddings}; "
+            "drop them from target_modules, or train them with plain LoRA in a separate adapter."
+        )
     for path, module in matched:
-        fan_in, fan_out = module["kernel"].shape
+        fan_in, fan_out = module[base_weight_name(module)].shape
         if config.rank > min(fan_in, fan_out):
             raise ValueError(
                 f"rank {config.rank} exceeds min(in, out) = {min(fan_in, fan_out)} of module "
@@ -164,6 +184,8 @@ def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[Modu
 def target_kernel_shapes(params: Mapping[str, Any], config: LoraConfig) -> dict[ModulePath, tuple[int, int]]:
     """``{path: (in, out)}``: the kernel shape of each module ``config`` targets, in tree order.
 
+    An embedding's "kernel" is its table, (num_embeddings, features): the rows it maps ids to.
+
     What ``init_lora``, ``lora_param_count`` and ``load_adapter`` size the LoRA factors from.
 
     Raises:
@@ -173,4 +195,8 @@ def target_kernel_shapes(params: Mapping[str, Any], config: LoraConfig) -> dict[
     >>> target_kernel_shapes({"up": {"kernel": np.zeros((4, 8))}}, LoraConfig(rank=2, target_modules=["up"]))
     {('up',): (4, 8)}
     """
-    return {path: tuple(get_module(params, path)["kernel"].shape) for path in resolve_targets(params, config)}
+    shapes = {}
+    for path in resolve_targets(params, config):
+        module = get_module(params, path)
+        shapes[path] = tuple(module[base_weight_name(module)].shape)
+    return shapes

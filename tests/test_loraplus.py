@@ -201,5 +201,5 @@ def test_bad_ratio_or_lr_is_refused(tiny_gpt2_dir, bad):
 
 
 def test_jax_labels_refuse_a_tree_that_is_not_an_adapter():
-    with pytest.raises(ValueError, match="lora_A or lora_B"):
+    with pytest.raises(ValueError, match=r"by their name \(lora_A, lora_B, lora_magnitude_vector, lora_embedding_A"):
         lora_jax.loraplus_optimizer(optax.sgd, 0.1, ratio=2.0).init({"w": {"kernel": jnp.ones((2, 2))}})

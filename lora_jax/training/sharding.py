@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lora_jax.adapter import Adapter
-from lora_jax.lora_tree import LORA_A, LORA_B, LORA_MAGNITUDE, get_module
+from lora_jax.lora_tree import EMBEDDING_A, LEAF_NAMES, LORA_A, LORA_MAGNITUDE, get_module
 
 __all__ = [
     "MESH_AXES",
@@ -153,6 +153,8 @@ def _kernel_at(params: Any, module_path: Sequence[str]) -> Any:
     module = get_module(params, tuple(module_path))
     if module is not None and KERNEL in module:
         return module[KERNEL]
+    if module is not None and "embedding" in module:  # an adapted nn.Embed: its table is its (in, out) kernel
+        return module["embedding"]
     raise ValueError(
         f"LoRA module {'.'.join(module_path)!r} has no kernel in params; build the LoRA tree "
         "with init_lora from these same params."
@@ -182,14 +184,13 @@ def lora_partition_specs(adapter: Any, params: Any, fsdp_size: int) -> Any:
 
     def spec(path: tuple, leaf: Any) -> PartitionSpec:
         names = [_key_name(entry) for entry in path]
-        if names[-1] not in (LORA_A, LORA_B, LORA_MAGNITUDE):
-            raise ValueError(f"Unexpected LoRA leaf {'.'.join(names)!r}; LoRA leaves are named lora_A, lora_B and "
-                             "lora_magnitude_vector.")
+        if names[-1] not in LEAF_NAMES:
+            raise ValueError(f"Unexpected LoRA leaf {'.'.join(names)!r}; LoRA leaves are named {LEAF_NAMES}.")
         kernel_spec = leaf_partition_spec(np.shape(_kernel_at(params, names[:-1])), fsdp_size)
         in_axis, out_axis = tuple(kernel_spec) + (None,) * (2 - len(kernel_spec))
         if names[-1] == LORA_MAGNITUDE:  # (out,): split like the kernel's out-dim, beside B's columns
             return PartitionSpec(out_axis)
-        return PartitionSpec(in_axis, None) if names[-1] == LORA_A else PartitionSpec(None, out_axis)
+        return PartitionSpec(in_axis, None) if names[-1] in (LORA_A, EMBEDDING_A) else PartitionSpec(None, out_axis)
 
     return jax.tree_util.tree_map_with_path(spec, adapter)
 
