@@ -90,6 +90,9 @@ PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT; readers must use torch
 ADAPTER_NAMES = (CONFIG_NAME, WEIGHTS_NAME, PICKLED_WEIGHTS_NAME)
 CARRIED_NAMES = ("README.md",)
 CONFIG_DIGEST_KEY = "lora_parity.config_sha256"
+# PEFT's multi-adapter layout (PeftModel.save_pretrained): the adapter named "default" at the root, every other
+# adapter in a subdirectory named after it.
+DEFAULT_ADAPTER = "default"
 _PIN_ATTEMPTS = 50  # a reader retries while saves swap directories under it
 
 
@@ -209,12 +212,51 @@ def _check_replaceable(target: Path) -> list[str]:
         raise ValueError(f"{target} exists and is not a directory; an adapter is a directory. Choose another "
                          "path, or remove that file first.")
     entries = sorted(os.listdir(target))
-    unknown = [e for e in entries if e not in ADAPTER_NAMES and e not in CARRIED_NAMES]
+    unknown = [e for e in entries if e not in ADAPTER_NAMES and e not in CARRIED_NAMES
+               and not _is_named_adapter_dir(target / e)]
     if unknown:
         raise ValueError(f"{target} holds files that are not part of an adapter: {unknown[:5]}"
                          f"{' ...' if len(unknown) > 5 else ''}. Saving replaces the whole directory, so nothing "
                          "was written. Save the adapter into its own directory, or move those files out.")
     return [e for e in entries if e in CARRIED_NAMES]
+
+
+def _is_named_adapter_dir(path: Path) -> bool:
+    """A subdirectory of a multi-adapter save: a real directory holding adapter files and nothing else."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = os.listdir(path)
+    return bool(entries) and all(e in ADAPTER_NAMES or e in CARRIED_NAMES for e in entries)
+
+
+def check_adapter_name(name: object) -> str:
+    """``name`` if it can name an adapter of a multi-adapter directory (a subdirectory name), else ValueError.
+
+    >>> check_adapter_name("task_a")
+    'task_a'
+    >>> check_adapter_name("../x")
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter name '../x' cannot name a subdirectory: use letters, digits, '_', '-' and '.', not starting with '.' and not a file name of an adapter.
+    """
+    if (not isinstance(name, str) or not name or name.startswith(".") or not all(c.isalnum() or c in "_-." for c in name)
+            or name in ADAPTER_NAMES or name in CARRIED_NAMES):
+        raise ValueError(f"adapter name {name!r} cannot name a subdirectory: use letters, digits, '_', '-' and '.', "
+                         "not starting with '.' and not a file name of an adapter.")
+    return name
+
+
+def named_adapter_subdir(directory: Path, name: str) -> Path:
+    """Where PEFT keeps adapter ``name`` in a multi-adapter save: the root for ``"default"``, else ``directory/name``."""
+    return directory if check_adapter_name(name) == DEFAULT_ADAPTER else directory / name
+
+
+def _fsync_tree(path: Path) -> None:
+    for entry in sorted(path.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            set_usual_modes(entry)
+            _fsync_tree(entry)
+        fsync_path(entry)
 
 
 def _swap_in(new: Path, target: Path) -> None:
@@ -255,8 +297,11 @@ def save_adapter_dir(target: str | os.PathLike, write_files: Callable[[Path], No
     """Replaces the adapter directory ``target`` in one atomic step with what ``write_files`` writes.
 
     ``write_files(directory)`` writes the adapter's files (``CONFIG_NAME``, ``WEIGHTS_NAME``) into a
-    fresh, empty temporary directory next to ``target``. A ``README.md`` already in ``target`` is
-    carried over. Files and directories get the usual modes (``0o666``/``0o777`` less the umask).
+    fresh, empty temporary directory next to ``target`` - for several adapters, PEFT's layout: the
+    ``"default"`` one at the root and each other in a subdirectory named after it
+    (``named_adapter_subdir``); the whole set is swapped in at once. A ``README.md`` already in
+    ``target`` is carried over. Files and directories get the usual modes (``0o666``/``0o777`` less
+    the umask).
 
     Args:
         target: the adapter directory; created with its parents if needed. A symlink is followed,
@@ -267,8 +312,9 @@ def save_adapter_dir(target: str | os.PathLike, write_files: Callable[[Path], No
         ``target``.
 
     Raises:
-        ValueError: ``target`` is a file, or holds files other than an adapter's and ``README.md``
-            (a save replaces the whole directory, so it refuses before writing anything).
+        ValueError: ``target`` is a file, or holds files other than an adapter's, ``README.md`` and
+            subdirectories holding only those (a save replaces the whole directory, so it refuses
+            before writing anything).
         OSError: the filesystem refused, or other saves kept replacing ``target``.
         Whatever ``write_files`` raises; ``target`` is then left as it was.
     """
@@ -283,8 +329,7 @@ def save_adapter_dir(target: str | os.PathLike, write_files: Callable[[Path], No
                 shutil.copyfile(final / name, new / name)
         write_files(new)
         set_usual_modes(new)
-        for entry in os.listdir(new):
-            fsync_path(new / entry)
+        _fsync_tree(new)  # files, and the subdirectories of a multi-adapter save with theirs
         fsync_path(new)
         _swap_in(new, final)
         fsync_path(final.parent)
@@ -413,13 +458,81 @@ def read_adapter_files(path: str | os.PathLike) -> AdapterFiles:
     """
     path = Path(path)
     with open_adapter_dir(path) as pinned:
-        if CONFIG_NAME not in pinned.names:
-            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; it is not a PEFT adapter directory.")
-        weights_name = next((n for n in (WEIGHTS_NAME, PICKLED_WEIGHTS_NAME) if n in pinned.names), None)
-        if weights_name is None:
-            raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}; it is not a PEFT adapter directory.")
-        files = AdapterFiles(path, pinned.read_bytes(CONFIG_NAME), pinned.read_bytes(weights_name), weights_name)
-    if weights_name == WEIGHTS_NAME:
-        metadata = safetensors_metadata(files.weights, str(path / weights_name))
-        check_config_digest(files.config, metadata, str(path))
+        files = _read_pinned_files(pinned, path)
+    return _checked(files)
+
+
+def _read_pinned_files(pinned: PinnedAdapterDir, path: Path) -> AdapterFiles:
+    if CONFIG_NAME not in pinned.names:
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; it is not a PEFT adapter directory.")
+    weights_name = next((n for n in (WEIGHTS_NAME, PICKLED_WEIGHTS_NAME) if n in pinned.names), None)
+    if weights_name is None:
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}; it is not a PEFT adapter directory.")
+    return AdapterFiles(path, pinned.read_bytes(CONFIG_NAME), pinned.read_bytes(weights_name), weights_name)
+
+
+def _checked(files: AdapterFiles) -> AdapterFiles:
+    if files.weights_name == WEIGHTS_NAME:
+        metadata = safetensors_metadata(files.weights, str(files.directory / files.weights_name))
+        check_config_digest(files.config, metadata, str(files.directory))
     return files
+
+
+def read_named_adapter_files(path: str | os.PathLike) -> dict[str, AdapterFiles]:
+    """Reads every adapter of a multi-adapter directory (PEFT's layout), all from one save.
+
+    Returns ``{"default": root files}`` when the root holds an adapter, plus ``{name: files}`` for each
+    subdirectory holding an ``adapter_config.json``, sorted by name after ``"default"``. The root
+    directory is opened once and every file is opened relative to it, so a concurrent save cannot
+    mix the adapters of two saves.
+
+    Raises:
+        FileNotFoundError: no directory, or no adapter in it.
+        ValueError: a config and its weights come from different saves, or a header is corrupt.
+    """
+    path = Path(path)
+    for attempt in range(_PIN_ATTEMPTS):
+        try:
+            found = _read_named_once(path)
+        except FileNotFoundError:
+            found = None
+            if attempt >= 5:
+                raise _missing_dir_error(path) from None
+        if found is not None:
+            break
+        time.sleep(0.001 * attempt)
+    else:
+        raise OSError(f"{path} was replaced by other saves during each of {_PIN_ATTEMPTS} attempts to read it.")
+    if not found:
+        raise FileNotFoundError(f"{path} holds no adapter: no {CONFIG_NAME} at its root or in a subdirectory.")
+    return {name: _checked(files) for name, files in found.items()}
+
+
+def _read_named_once(path: Path) -> dict[str, AdapterFiles] | None:
+    root = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found = {}
+        for name in [""] + sorted(os.listdir(root)):
+            try:
+                sub = root if not name else os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=root)
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            try:
+                handles = {}
+                for file in ADAPTER_NAMES:
+                    with contextlib.suppress(FileNotFoundError):
+                        handles[file] = os.open(file, os.O_RDONLY, dir_fd=sub)
+                pinned = PinnedAdapterDir(path / name if name else path, tuple(handles), handles)
+                try:
+                    if CONFIG_NAME in handles:
+                        found[name or DEFAULT_ADAPTER] = _read_pinned_files(pinned, pinned.path)
+                finally:
+                    for handle in handles.values():
+                        os.close(handle)
+            finally:
+                if sub != root:
+                    os.close(sub)
+        held, now = os.fstat(root), os.stat(path)
+        return found if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino) else None
+    finally:
+        os.close(root)

@@ -222,3 +222,42 @@ def test_no_deep_learning_framework_is_imported():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.stdout == "[]\n"
+
+
+def _write_named(directory, names):
+    from lora_format.adapter_dir import named_adapter_subdir
+    for name in names:
+        sub = named_adapter_subdir(directory, name)
+        sub.mkdir(exist_ok=True)
+        config = encode_config({"peft_type": "LORA", "name": name})
+        save_file({"w": np.zeros(2, np.float32)}, str(sub / WEIGHTS_NAME), metadata=weights_metadata(config))
+        (sub / CONFIG_NAME).write_bytes(config)
+
+
+def test_a_multi_adapter_save_is_peft_layout_and_replaces_the_previous_set_whole(tmp_path):
+    from lora_format.adapter_dir import read_named_adapter_files
+    target = tmp_path / "set"
+    save_adapter_dir(target, lambda new: _write_named(new, ["default", "task_b", "task_c"]))
+    assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "task_b", "task_c"]
+    save_adapter_dir(target, lambda new: _write_named(new, ["default", "task_d"]))  # old subfolders are allowed
+    files = read_named_adapter_files(target)
+    assert list(files) == ["default", "task_d"]
+    assert json.loads(files["task_d"].config)["name"] == "task_d"
+    assert not (target / "task_b").exists()
+
+
+def test_a_foreign_subdirectory_is_not_replaced(tmp_path):
+    target = tmp_path / "set"
+    save_adapter_dir(target, lambda new: _write_named(new, ["default"]))
+    (target / "notes").mkdir()
+    (target / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"not part of an adapter: \['notes'\]"):
+        save_adapter_dir(target, lambda new: _write_named(new, ["default"]))
+    assert (target / "notes" / "todo.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("bad", ["", "..", "a/b", ".hidden", CONFIG_NAME, 3])
+def test_adapter_names_that_cannot_be_subdirectories_are_refused(bad):
+    from lora_format.adapter_dir import check_adapter_name
+    with pytest.raises(ValueError, match="cannot name a subdirectory"):
+        check_adapter_name(bad)
