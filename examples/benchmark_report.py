@@ -1,4 +1,5 @@
-"""Writes a ``compare_implementations.py`` run as JSON, a markdown table and a bar chart."""
+"""Writes a ``compare_implementations.py`` run as JSON, a markdown table and a bar chart, and a
+``benchmark_dora.py`` run as JSON and markdown with its DoRA / plain ratios."""
 
 from __future__ import annotations
 
@@ -136,5 +137,104 @@ def write_report(report: dict, prefix: str) -> list[str]:
     }
     for ext, write in writers.items():
         with atomic_destination(prefix + ext) as tmp:  # temp file beside the target, renamed on success
+            write(tmp)
+    return [prefix + ext for ext in writers]
+
+
+# ------------------------------------------------------------------------------------------ DoRA
+
+DORA_BASELINE = "peft_dora"  # the issue's yardstick: PEFT's DoRA step, eager
+DORA_GOAL = ("jax_dora", 1.3)  # lora_jax's DoRA step at least 1.3x PEFT DoRA eager
+PLAIN_OF = {"jax_dora": "jax_lora", "torch_dora": "torch_lora", "peft_dora": "peft"}
+
+
+def _ratio(fast: dict, slow: dict) -> dict:
+    """``fast`` tokens/s over ``slow``'s: the ratio of medians, and its range over the rounds.
+
+    Rounds are interleaved, so round ``i`` of both rows ran under the same machine load; the per-round
+    ratios show how far load moved the ratio of medians.
+    """
+    per_round = [s / f for f, s in zip(fast["step_s_all"], slow["step_s_all"])]
+    return {"median_ratio": fast["tokens_per_s_median"] / slow["tokens_per_s_median"],
+            "round_min": min(per_round), "round_max": max(per_round)}
+
+
+def dora_ratios(results: list[dict]) -> dict:
+    """DoRA / plain LoRA within each framework, every row over PEFT DoRA eager, and the goal's verdict.
+
+    A pair or the baseline missing from ``results`` (not run, or skipped) is left out; the goal is then
+    ``met: None``, not measured.
+    """
+    rows = {r["name"]: r for r in results}
+    base = rows.get(DORA_BASELINE)
+    goal_name, goal = DORA_GOAL
+    over_base = {name: _ratio(row, base) for name, row in rows.items()} if base else {}
+    reached = over_base.get(goal_name, {}).get("median_ratio")
+    return {
+        "dora_over_plain": {dora: _ratio(rows[dora], rows[plain]) for dora, plain in PLAIN_OF.items()
+                            if dora in rows and plain in rows},
+        "over_" + DORA_BASELINE: over_base,
+        "goal": {"implementation": goal_name, "baseline": DORA_BASELINE, "at_least": goal, "median_ratio": reached,
+                 "met": None if reached is None else reached >= goal},
+    }
+
+
+def _fmt_ratio(ratio: dict | None) -> str:
+    return "-" if ratio is None else f"{ratio['median_ratio']:.2f} [{ratio['round_min']:.2f}, {ratio['round_max']:.2f}]"
+
+
+def _dora_markdown(report: dict) -> Iterator[str]:
+    m, config, ratios = report["machine"], report["config"], report["ratios"]
+    w, goal = config["workload"], ratios["goal"]
+    over_base = ratios["over_" + DORA_BASELINE]
+    load = lambda avg: " / ".join(f"{x:.2f}" for x in avg)  # noqa: E731
+    yield "# DoRA against plain LoRA: one training step, lora_jax, lora_torch and PEFT\n"
+    yield f"Command: `{report['command']}`\n"
+    yield (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} threads "
+           f"(torch {m['torch_threads']}); {m['platform']}; python {m['python']}.\n")
+    yield "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n"
+    yield (f"Load average (1 / 5 / 15 min, `os.getloadavg()`): {load(report['load_average_start'])} at the start, "
+           f"{load(report['load_average_end'])} at the end.\n")
+    yield (f"Timing: {report['warmup']} warm-up steps each, then {report['steps']} interleaved rounds "
+           "(one step of every implementation per round, rotating order). Tokens/s is the median with [min, max]. "
+           "A ratio is the ratio of the two medians, with in brackets the range of the same ratio taken "
+           "round by round (both steps of a round ran under the same load).\n")
+    yield (f"\n## GPT-2 {config['preset']} ({w['n_layer']} layers, width {w['n_embd']}, random init), batch "
+           f"{w['batch']} x {w['seq']}, {w['dtype']}, r=16 alpha 32 on c_attn/c_proj/c_fc, AdamW\n")
+    if goal["met"] is None:
+        yield f"Goal {goal['implementation']} >= {goal['at_least']}x {goal['baseline']}: not measured in this run.\n"
+    else:
+        reached = over_base[goal["implementation"]]
+        yield (f"Goal {goal['implementation']} >= {goal['at_least']}x {goal['baseline']} (PEFT DoRA eager): "
+               f"**{'met' if goal['met'] else 'not met'}**, {goal['median_ratio']:.2f}x "
+               f"(round by round [{reached['round_min']:.2f}, {reached['round_max']:.2f}]).\n")
+    yield ("| implementation | framework | training | tokens/s median [min, max] | step ms | DoRA / plain | "
+           "x PEFT DoRA eager | GFLOP/step analytic | GFLOP/s | peak RSS in step MB | warm-up s |")
+    yield "|---|---|---|---|---|---|---|---|---|---|---|"
+    for r in config["results"]:
+        yield (f"| {r['name']} | {r['framework']} | {r['training']} | {r['tokens_per_s_median']:.0f} "
+               f"[{r['tokens_per_s_min']:.0f}, {r['tokens_per_s_max']:.0f}] | {1000 * r['step_s_median']:.0f} | "
+               f"{_fmt_ratio(ratios['dora_over_plain'].get(r['name']))} | {_fmt_ratio(over_base.get(r['name']))} | "
+               f"{r['flops_per_step'] / 1e9:.1f} | {_fmt(r.get('achieved_gflops'))} | {_fmt(r.get('peak_rss_mb'))} | "
+               f"{r['warmup_s']:.1f} |")
+    if config["skipped"]:
+        yield f"\nSkipped (not installed): {', '.join(config['skipped'])}.\n"
+    yield ("\nDoRA / plain divides a DoRA row by the plain LoRA row of the same framework (jax_dora / jax_lora, "
+           "torch_dora / torch_lora, peft_dora / peft). The JAX rows use the chunked LM-head loss "
+           "(`lm_loss(model, chunk_size=128)`); the torch rows compute full float32 logits, as users run them. "
+           "The analytic FLOP count (`analytic_flops` in examples/benchmark_steps.py) adds DoRA's per-step "
+           "product A B inside the detached weight norm ||W0 + s A B||; the norm's memory traffic and the "
+           "factorised output's elementwise work are not FLOPs it counts. Peak RSS is the whole process "
+           "(every implementation's weights stay resident); compare it across rows only.\n")
+
+
+def write_dora_report(report: dict, prefix: str) -> list[str]:
+    """Writes ``prefix.json`` and ``prefix.md`` (a ``benchmark_dora.py`` run) atomically; returns the paths."""
+    writers = {
+        ".json": lambda tmp: tmp.write_text(json.dumps(report, indent=2), encoding="utf-8"),
+        ".md": lambda tmp: tmp.write_text("\n".join(_dora_markdown(report)) + "\n", encoding="utf-8"),
+    }
+    for ext, write in writers.items():
+        with atomic_destination(prefix + ext) as tmp:
             write(tmp)
     return [prefix + ext for ext in writers]

@@ -3,6 +3,8 @@
 Each builder returns a ``Timed`` whose ``step()`` runs one optimizer step and waits for it to
 finish (``block_until_ready`` / ``cuda.synchronize``), so wall time measures the whole step.
 Within a step nothing syncs with the host: the JAX state stays on device and is donated.
+Each LoRA implementation also has a DoRA twin (``jax_dora``, ``torch_dora``, ``peft_dora``): the
+same step with ``use_dora=True``, which ``benchmark_dora.py`` times against the plain ones.
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from typing import Any
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 RANK, ALPHA, LR = 16, 32.0, 1e-4
+
+
+def set_backend_environment(device: str, threads: int) -> None:
+    """Gives torch and XLA the same thread budget; call it before jax is first imported (XLA reads its flags then)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}")
+    else:  # torch and XLA share the GPU: no preallocation by XLA
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +58,7 @@ class Timed:
 
     name: str
     framework: str
-    training: str  # "lora" or "full"
+    training: str  # "lora", "dora" or "full"
     step: Callable[[], None]
     info: dict
     close: Callable[[], None] = lambda: None
@@ -89,7 +102,9 @@ def analytic_flops(w: Workload, training: str) -> float:
     counted for the full T x T square as XLA and SDPA compute it), ``2 D V`` (tied head), plus
     ``2 r (in + out)`` per LoRA module. LoRA backward propagates activations through the frozen
     matmuls (1x forward) and forms the LoRA gradients (2x the LoRA forward); full fine-tuning's
-    backward is 2x forward.
+    backward is 2x forward. DoRA adds, once per step rather than per token, the product ``A B``
+    (``2 r in out`` per module, ``2 r 12 L D^2`` in all) inside the weight norm ``||W0 + s A B||``;
+    the norm is detached, so it has no backward.
     """
     d, layers, t = w.n_embd, w.n_layer, w.seq
     base = 24 * layers * d * d + 4 * layers * t * d + 2 * d * w.vocab
@@ -97,7 +112,8 @@ def analytic_flops(w: Workload, training: str) -> float:
     tokens = w.batch * w.seq
     if training == "full":
         return 3.0 * base * tokens
-    return (2.0 * base + 3.0 * lora) * tokens
+    dora_norm = 2 * RANK * layers * 12 * d * d if training == "dora" else 0
+    return (2.0 * base + 3.0 * lora) * tokens + dora_norm
 
 
 # ------------------------------------------------------------------------------------------- JAX
@@ -130,7 +146,7 @@ def _jax_step_fns(w: Workload, training: str, chunked: bool, remat: bool = False
 
     config, model, batch = _jax_setup(w, remat)
     tx = optax.adamw(LR)
-    lora_config = LoraConfig(rank=RANK, alpha=ALPHA, target_modules=TARGETS)
+    lora_config = LoraConfig(rank=RANK, alpha=ALPHA, target_modules=TARGETS, use_dora=training == "dora")
     if training == "full":
         # lm_loss(chunk_size=...) keeps the tied embedding frozen; full fine-tuning differentiates it.
         def loss_fn(params, _unused, batch, _rng):
@@ -232,21 +248,23 @@ def _torch_model(w: Workload):
     return model.to(device="cuda" if w.device == "gpu" else "cpu", dtype=getattr(torch, w.dtype))
 
 
-def _adapt(model, variant: str):
+def _adapt(model, variant: str, dora: bool):
     if variant == "lora_torch":
         from lora_torch import freeze_base_model, inject_lora
 
-        return freeze_base_model(inject_lora(model, TARGETS, rank=RANK, lora_alpha=ALPHA, verbose=False))
+        return freeze_base_model(inject_lora(model, TARGETS, rank=RANK, lora_alpha=ALPHA, use_dora=dora,
+                                             verbose=False))
     if variant == "peft":
         import peft
 
+        # lora_dropout=0: PEFT's DoRA then reuses the base layer's output instead of recomputing x W0.
         config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
-                                 fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM")
+                                 fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM", use_dora=dora)
         return peft.get_peft_model(model, config)
     return model  # full fine-tuning: every parameter trains
 
 
-def build_torch(name: str, w: Workload, variant: str, compiled: bool) -> Timed | None:
+def build_torch(name: str, w: Workload, variant: str, compiled: bool, dora: bool = False) -> Timed | None:
     import torch
 
     if variant == "peft":
@@ -259,7 +277,7 @@ def build_torch(name: str, w: Workload, variant: str, compiled: bool) -> Timed |
     torch.backends.cudnn.allow_tf32 = False
     rss_before = rss_mb()
     device = "cuda" if w.device == "gpu" else "cpu"
-    model = _adapt(_torch_model(w), variant).train()
+    model = _adapt(_torch_model(w), variant, dora).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=1e-4, fused=True)  # optax.adamw's default wd
     forward = torch.compile(model) if compiled else model
@@ -282,7 +300,7 @@ def build_torch(name: str, w: Workload, variant: str, compiled: bool) -> Timed |
         del optimizer.param_groups[:]
         gc.collect()
 
-    training = "full" if variant == "full" else "lora"
+    training = "full" if variant == "full" else "dora" if dora else "lora"
     info = {"flops_per_step": analytic_flops(w, training),
             "trainable_params": sum(p.numel() for p in params),
             "attention": getattr(model.config, "_attn_implementation", "unknown"),
@@ -301,7 +319,12 @@ IMPLEMENTATIONS: dict[str, Callable[[Workload], Timed | None]] = {
     "peft_compile": lambda w: build_torch("peft_compile", w, "peft", compiled=True),
     "jax_full": lambda w: build_jax("jax_full", w, "full", chunked=True),
     "torch_full": lambda w: build_torch("torch_full", w, "full", compiled=False),
+    "jax_dora": lambda w: build_jax("jax_dora", w, "dora", chunked=True),
+    "torch_dora": lambda w: build_torch("torch_dora", w, "lora_torch", compiled=False, dora=True),
+    "peft_dora": lambda w: build_torch("peft_dora", w, "peft", compiled=False, dora=True),
 }
+# compare_implementations.py runs these unless --impls names others; the DoRA twins are benchmark_dora.py's.
+LORA_COMPARISON = [name for name in IMPLEMENTATIONS if "dora" not in name]
 
 
 def build_implementation(name: str, w: Workload) -> Timed | None:

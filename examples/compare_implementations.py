@@ -11,6 +11,9 @@ with LoRA rank 16 (alpha 32) on ``c_attn``, ``c_proj`` and ``c_fc`` and AdamW:
 - ``peft`` / ``peft_compile``: PEFT on the same model, eager / torch.compile.
 - ``jax_full`` / ``torch_full``: full fine-tuning, the reference cost.
 
+``--impls`` also takes the DoRA twins ``jax_dora``, ``torch_dora`` and ``peft_dora``; their own report,
+with DoRA / plain ratios, is ``benchmark_dora.py``'s.
+
 Timing is interleaved: after each implementation's warm-up (compilation), every round runs one
 step of each implementation, in a rotating order, so drifting machine load hits all of them
 alike. Tokens/s is the median over rounds, with min and max.
@@ -34,10 +37,12 @@ sys.path.insert(0, os.path.dirname(__file__))  # sibling modules when run as a s
 # benchmark_steps imports jax and torch only inside its builders, so the flags below still take effect.
 from benchmark_steps import (  # noqa: E402
     IMPLEMENTATIONS,
+    LORA_COMPARISON,
     Workload,
     build_implementation,
     jax_memory_table,
     matmul_peak_gflops,
+    set_backend_environment,
 )
 
 PRESETS = {"small": dict(n_embd=768, n_layer=12, n_head=12), "medium": dict(n_embd=1024, n_layer=24, n_head=16)}
@@ -55,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None, help="default 128 on CPU, 1024 on GPU")
     p.add_argument("--layers", type=int, default=None, help="override n_layer (smoke runs)")
     p.add_argument("--impls", nargs="+", choices=list(IMPLEMENTATIONS), default=None,
-                   help="subset of implementations to run (default: all)")
+                   help="implementations to run (default: all but the DoRA ones, which benchmark_dora.py compares)")
     p.add_argument("--chunk-size", type=int, default=128, help="token rows per LM-head chunk (jax_lora)")
     p.add_argument("--no-memory-table", action="store_true", help="skip the compile-only remat memory table")
     p.add_argument("--out", default=None, help="output prefix (default docs/benchmark_<device>)")
@@ -71,14 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:
-    # Both frameworks get the same thread budget; XLA reads its flags when jax is first imported.
-    os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
-    if ARGS.device == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={ARGS.threads}")
-    else:  # torch and XLA share the GPU: no preallocation by XLA
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    set_backend_environment(ARGS.device, ARGS.threads)  # before jax is first imported
 
 import statistics  # noqa: E402
 
@@ -132,7 +130,7 @@ def run_config(args, preset: str, dtype: str) -> dict:
         shape["n_layer"] = args.layers
     workload = Workload(preset=preset, batch=args.batch, seq=args.seq, dtype=dtype, device=args.device,
                         chunk_size=args.chunk_size, **shape)
-    names = args.impls or list(IMPLEMENTATIONS)
+    names = args.impls or LORA_COMPARISON
     print(f"[{preset}] {workload}", flush=True)
     impls = [impl for impl in (build_implementation(name, workload) for name in names) if impl is not None]
     peak = matmul_peak_gflops(args.device, dtype)
