@@ -32,6 +32,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lora_jax.adapter import Adapter
+from lora_jax.adapter_set import BASE_NAME, AdapterSet
+from lora_jax.combination import add_weighted_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.counting import count_params, lora_param_count, trainable_summary
 from lora_jax.forward import lora_apply, lora_branch, lora_interception
@@ -45,7 +47,8 @@ from lora_jax.training.step import lora_optimizer, make_combined_train_step, mak
 
 # Names from modules that are heavier or optional load on first use (PEP 562).
 _LAZY = {
-    **dict.fromkeys(("adapter_config_dict", "load_adapter", "peft_state_dict", "save_adapter"), "lora_jax.peft_format"),
+    **dict.fromkeys(("adapter_config_dict", "load_adapter", "load_adapters", "peft_state_dict", "save_adapter",
+                     "save_adapters"), "lora_jax.peft_format"),
     **dict.fromkeys(
         ("GPT2", "GPT2Config", "KVCache", "gpt2_medium", "gpt2_small", "gpt2_xl", "init_cache", "init_gpt2_params"),
         "lora_jax.gpt2.model",
@@ -67,16 +70,20 @@ if TYPE_CHECKING:  # what the lazy names are, for editors and type checkers
     from lora_jax.gpt2.loading import load_gpt2, save_gpt2
     from lora_jax.gpt2.model import (GPT2, GPT2Config, KVCache, gpt2_medium, gpt2_small, gpt2_xl, init_cache,
                                      init_gpt2_params)
-    from lora_jax.peft_format import adapter_config_dict, load_adapter, peft_state_dict, save_adapter
+    from lora_jax.peft_format import (adapter_config_dict, load_adapter, load_adapters, peft_state_dict, save_adapter,
+                                      save_adapters)
     from lora_jax.training.chunked_loss import chunked_cross_entropy, chunked_next_token_loss
     from lora_jax.training.sharding import (make_mesh, place_train_state, shard_batch, shard_train_step,
                                             train_shardings)
 
 __all__ = [
+    "BASE_NAME",
     "Adapter",
+    "AdapterSet",
     "Batch",
     "LoraConfig",
     "a_init_bound",
+    "add_weighted_adapter",
     "combine",
     "count_params",
     "dora_weight_norms",

@@ -41,7 +41,9 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.adapter import Adapter, checked_modules
-from lora_jax.dora import dora_output
+from lora_jax.adapter_set import AdapterSet
+from lora_jax.dora import dora_extra
+from lora_jax.mixed_batch import mixed_dense_branch, mixed_dropout, mixed_embedding_branch, stacked_factors
 from lora_jax.lora_tree import ModulePath
 from lora_jax.targets import dotted_name
 
@@ -98,12 +100,107 @@ def embedding_branch(ids: jax.Array, a: jax.Array, b: jax.Array, scaling: float,
     return jnp.matmul(rows, b.astype(dtype)) * jnp.asarray(scaling, dtype)
 
 
+# (the intercepted module, its input, its base output) -> what the adapter(s) add to that output
+Extra = Callable[[nn.Module, jax.Array, jax.Array], jax.Array]
+
+
+def _adapter_extras(adapter: Adapter, dropout_rng: jax.Array | None) -> dict[ModulePath, Extra]:
+    """What one adapter adds at each of its modules."""
+    entries = checked_modules(adapter)
+    magnitudes = adapter.magnitudes()
+    embeddings = set(adapter.embeddings())
+    dropout = adapter.config.dropout
+
+    def extra_at(path: ModulePath) -> Extra:
+        a, b = entries[path]
+        scaling = adapter.scaling(path)
+        rng = None if dropout_rng is None else module_rng(dropout_rng, path)
+        if path in embeddings:  # PEFT applies no dropout to an embedding's LoRA
+            return lambda module, x, y: embedding_branch(x, a, b, scaling, dtype=y.dtype)
+        if path in magnitudes:
+            return lambda module, x, y: _dora_extra(module, y, x, a, b, magnitudes[path], scaling, dropout, rng)
+        return lambda module, x, y: lora_branch(x, a, b, scaling, dtype=y.dtype, precision=module.precision,
+                                                dropout=dropout, rng=rng)
+
+    return {path: extra_at(path) for path in entries}
+
+
+def _summed_extras(adapters: AdapterSet, dropout_rng: jax.Array | None) -> dict[ModulePath, Extra]:
+    """The active adapters' extras, summed where several adapt one module (PEFT's several active adapters)."""
+    active = [adapters.adapters[name] for name in adapters.active]
+    if len(active) == 1:
+        return _adapter_extras(active[0], dropout_rng)
+    dora = [name for name in adapters.active if adapters.adapters[name].config.use_dora]
+    if dora:
+        raise ValueError(f"DoRA adapters {dora} cannot be active together with others: PEFT chains their outputs in "
+                         "order, which makes the result depend on it. Activate one DoRA adapter at a time.")
+    per_adapter = [_adapter_extras(adapter, dropout_rng) for adapter in active]
+    paths = dict.fromkeys(path for extras in per_adapter for path in extras)
+
+    def summed(path: ModulePath) -> Extra:
+        parts = [extras[path] for extras in per_adapter if path in extras]
+        return lambda module, x, y: sum(part(module, x, y) for part in parts)
+
+    return {path: summed(path) for path in paths}
+
+
+def _mixed_extras(adapters: AdapterSet, ids: jax.Array, dropout_rng: jax.Array | None) -> dict[ModulePath, Extra]:
+    """Example ``i`` gets adapter ``ids[i]``'s branch, ``len(adapters.names)`` none (``lora_jax.mixed_batch``)."""
+    members = list(adapters.adapters.values())
+    dora = [name for name, adapter in adapters.adapters.items() if adapter.config.use_dora]
+    if dora:
+        raise ValueError(f"DoRA adapters {dora} cannot serve a mixed batch (PEFT refuses it too); run them one at "
+                         "a time with AdapterSet.with_active.")
+    for adapter in members:
+        checked_modules(adapter)
+    embeddings = {path for adapter in members for path in adapter.embeddings()}
+    paths = dict.fromkeys(path for adapter in members for path in adapter.modules())
+
+    def extra_at(path: ModulePath) -> Extra:
+        a, b, scaling, rates = stacked_factors(members, path)
+        if path in embeddings:
+            return lambda module, x, y: mixed_embedding_branch(x, ids, a, b, scaling, dtype=y.dtype)
+        rng = None if dropout_rng is None else module_rng(dropout_rng, path)
+        return lambda module, x, y: mixed_dense_branch(mixed_dropout(x.astype(y.dtype), ids, rates, rng), ids, a, b,
+                                                       scaling, dtype=y.dtype, precision=module.precision)
+
+    return {path: extra_at(path) for path in paths}
+
+
+def _extras(adapter: Adapter | AdapterSet, dropout_rng: jax.Array | None, adapter_names: Any
+            ) -> dict[ModulePath, Extra]:
+    if isinstance(adapter, AdapterSet):
+        if adapter_names is None:
+            return _summed_extras(adapter, dropout_rng) if adapter.active else {}
+        return _mixed_extras(adapter, _example_ids(adapter, adapter_names), dropout_rng)
+    if adapter_names is not None:
+        raise TypeError("adapter_names selects adapters of a lora_jax.AdapterSet; this is a single Adapter. Wrap "
+                        "adapters in AdapterSet({name: adapter, ...}) for a mixed batch.")
+    return _adapter_extras(adapter, dropout_rng)
+
+
+def _example_ids(adapters: AdapterSet, adapter_names: Any) -> jax.Array:
+    if isinstance(adapter_names, (str, list, tuple)):
+        return adapters.example_ids(adapter_names)
+    ids = jnp.asarray(adapter_names)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"adapter_names must be a list of names or a 1-D int array from AdapterSet.example_ids, got "
+                        f"{ids.dtype} of shape {ids.shape}.")
+    return ids
+
+
+def _embedding_paths(adapter: Adapter | AdapterSet) -> set[ModulePath]:
+    members = adapter.adapters.values() if isinstance(adapter, AdapterSet) else [adapter]
+    return {path for member in members for path in member.embeddings()}
+
+
 @contextlib.contextmanager
 def lora_interception(
-    adapter: Adapter,
+    adapter: Adapter | AdapterSet,
     *,
     dropout_rng: jax.Array | None = None,
     strict: bool = True,
+    adapter_names: Any = None,
 ) -> Iterator[None]:
     """Within the block, adapted ``nn.Dense`` layers add their LoRA branch to their output.
 
@@ -113,20 +210,23 @@ def lora_interception(
 
     Args:
         adapter: The ``Adapter`` (from ``init_lora`` or ``load_adapter``); its config supplies
-            each module's scaling and the dropout rate.
+            each module's scaling and the dropout rate. Or an ``AdapterSet``: its active adapters'
+            branches are summed, or, with ``adapter_names``, each example takes its own.
         dropout_rng: Key for dropout on the branch input; None disables dropout.
         strict: Raise if some LoRA module was never called as an ``nn.Dense``, which means the
             tree does not belong to this model (or the module is not a Dense layer).
+        adapter_names: With an ``AdapterSet``: one adapter name per example (``"__base__"`` for none),
+            or the int array ``AdapterSet.example_ids(names)`` gives (which a jitted caller can pass).
 
     Raises:
-        TypeError: ``adapter`` is not an ``Adapter``.
-        ValueError: The adapter's shapes disagree with its rank; or, with ``strict``, when the
-            block ends and some LoRA module went unused.
+        TypeError: ``adapter`` is neither an ``Adapter`` nor an ``AdapterSet``, or ``adapter_names``
+            is given with a single ``Adapter``.
+        ValueError: The adapter's shapes disagree with its rank; an unknown name; DoRA adapters in a
+            mixed batch or active together with others; or, with ``strict``, when the block ends
+            and some LoRA module went unused.
     """
-    entries = checked_modules(adapter)
-    magnitudes = adapter.magnitudes()
-    embeddings = set(adapter.embeddings())
-    dropout = adapter.config.dropout
+    extras = _extras(adapter, dropout_rng, adapter_names)
+    embeddings = _embedding_paths(adapter)
     applied: set[ModulePath] = set()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -134,25 +234,16 @@ def lora_interception(
         if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Embed)):
             return next_fun(*args, **kwargs)  # an Embed's attend (GPT-2's tied head) is never adapted, as in PEFT
         path = tuple(module.path)
-        if path not in entries or isinstance(module, nn.Embed) != (path in embeddings):
+        if path not in extras or isinstance(module, nn.Embed) != (path in embeddings):
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
-        a, b = entries[path]
         applied.add(path)
-        if path in embeddings:  # PEFT applies no dropout to an embedding's LoRA
-            return y + embedding_branch(x, a, b, adapter.scaling(path), dtype=y.dtype)
-        rng = None if dropout_rng is None else module_rng(dropout_rng, path)
-        if path in magnitudes:
-            return _dora(module, y, x, a, b, magnitudes[path], adapter.scaling(path), dropout, rng)
-        branch = lora_branch(
-            x, a, b, adapter.scaling(path), dtype=y.dtype, precision=module.precision, dropout=dropout, rng=rng
-        )
-        return y + branch
+        return y + extras[path](module, x, y)
 
     with nn.intercept_methods(interceptor):
         yield
-    missing = [dotted_name(p) for p in entries if p not in applied]
+    missing = [dotted_name(p) for p in extras if p not in applied]
     if strict and missing:
         raise ValueError(
             f"LoRA modules {missing[:8]} were never called as flax.linen.Dense (or, for lora_embedding_A/B, "
@@ -161,17 +252,17 @@ def lora_interception(
         )
 
 
-def _dora(module: nn.Dense, y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Array,
-          scaling: float, dropout: float, rng: jax.Array | None) -> jax.Array:
+def _dora_extra(module: nn.Dense, y: jax.Array, x: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Array,
+                scaling: float, dropout: float, rng: jax.Array | None) -> jax.Array:
     params = module.variables["params"]
     dropped = dropout > 0.0 and rng is not None
     x_branch = dropout_input(x.astype(y.dtype), dropout, rng) if dropped else x
-    return dora_output(y, x_branch, params["kernel"], params.get("bias"), a, b, magnitude, scaling,
-                       dropped=dropped, precision=module.precision)
+    return dora_extra(y, x_branch, params["kernel"], params.get("bias"), a, b, magnitude, scaling,
+                      dropped=dropped, precision=module.precision)
 
 
 def lora_apply(apply_fn: Callable[..., Any], *, strict: bool = True) -> Callable[..., Any]:
-    """Wraps ``model.apply`` into ``fn(params, adapter, *args, dropout_rng=None, **kwargs)``.
+    """Wraps ``model.apply`` into ``fn(params, adapter, *args, dropout_rng=None, adapter_names=None, **kwargs)``.
 
     Args:
         apply_fn: A Flax ``model.apply`` (or any function taking ``{"params": params}`` first).
@@ -180,8 +271,9 @@ def lora_apply(apply_fn: Callable[..., Any], *, strict: bool = True) -> Callable
     Returns:
         A function computing the model's output with every adapted Dense layer's LoRA branch
         added; ``params`` is the frozen tree, ``adapter`` the trainable ``Adapter`` (its config
-        travels with it). ``adapter=None`` runs the base model. Extra ``kwargs`` (e.g.
-        ``method=`` or ``rngs=``) go to ``apply_fn``.
+        travels with it), or an ``AdapterSet`` (its active adapters summed, or with
+        ``adapter_names`` a mixed batch, see ``lora_interception``). ``adapter=None`` runs the base
+        model. Extra ``kwargs`` (e.g. ``method=`` or ``rngs=``) go to ``apply_fn``.
 
     Raises:
         TypeError: ``apply_fn`` is not callable.
@@ -192,11 +284,13 @@ def lora_apply(apply_fn: Callable[..., Any], *, strict: bool = True) -> Callable
             "The config travels inside the Adapter passed at call time: forward(params, adapter, x)."
         )
 
-    def forward(params: Any, adapter: Adapter | None, *args: Any, dropout_rng: jax.Array | None = None,
-                **kwargs: Any) -> Any:
+    def forward(params: Any, adapter: Adapter | AdapterSet | None, *args: Any, dropout_rng: jax.Array | None = None,
+                adapter_names: Any = None, **kwargs: Any) -> Any:
         if adapter is None:
+            if adapter_names is not None:
+                raise TypeError("adapter_names needs an AdapterSet; adapter is None.")
             return apply_fn({"params": params}, *args, **kwargs)
-        with lora_interception(adapter, dropout_rng=dropout_rng, strict=strict):
+        with lora_interception(adapter, dropout_rng=dropout_rng, strict=strict, adapter_names=adapter_names):
             return apply_fn({"params": params}, *args, **kwargs)
 
     return forward

@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,9 @@ from lora_format.adapter_dir import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     encode_config,
+    named_adapter_subdir,
     read_adapter_files,
+    read_named_adapter_files,
     safetensors_header,
     save_adapter_dir,
     weights_metadata,
@@ -61,6 +63,7 @@ from lora_format import peft_keys
 from lora_format.patterns import check_survives_sorting
 from lora_format.peft_fields import read_adapter_config
 from lora_jax.adapter import Adapter, checked_modules
+from lora_jax.adapter_set import AdapterSet
 from lora_jax.config import INIT_OPTIONS, LoraConfig
 from lora_jax.initialize import factor_shapes
 from lora_jax.lora_tree import EMBEDDING_A, EMBEDDING_B, LORA_A, LORA_B, LORA_MAGNITUDE, ModulePath, get_module, nest
@@ -158,6 +161,13 @@ def save_adapter(
             ``lora_format.patterns.check_survives_sorting``), or ``out_dir`` holds files that are not an
             adapter's. Raised before anything is written.
     """
+    write = _adapter_writer(adapter, base_model_name_or_path, fan_in_fan_out)
+    save_adapter_dir(out_dir, write)
+
+
+def _adapter_writer(adapter: Adapter, base_model_name_or_path: str | None, fan_in_fan_out: bool
+                    ) -> Callable[[Path], None]:
+    """Checks ``adapter`` and encodes its files; returns ``write(directory)``, which writes them there."""
     tensors = peft_state_dict(adapter)
     if not tensors:
         raise ValueError("The adapter has no LoRA modules; there is nothing to save.")
@@ -172,11 +182,42 @@ def save_adapter(
     config_bytes = encode_config(meta)
 
     def write_files(new: Path) -> None:
+        new.mkdir(exist_ok=True)
         # PEFT itself writes {"format": "pt"}; the config digest ties these weights to their config.
         safetensors.numpy.save_file(tensors, str(new / WEIGHTS_FILE), metadata=weights_metadata(config_bytes))
         (new / CONFIG_FILE).write_bytes(config_bytes)
 
-    save_adapter_dir(out_dir, write_files)
+    return write_files
+
+
+def save_adapters(
+    out_dir: str | os.PathLike,
+    adapters: AdapterSet,
+    *,
+    base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool = True,
+) -> None:
+    """Writes every adapter of ``adapters`` in PEFT's multi-adapter layout, replacing ``out_dir`` whole, atomically.
+
+    As ``PeftModel.save_pretrained``: the adapter named ``"default"`` at the root of ``out_dir``, every
+    other one in the subdirectory ``out_dir/<name>``. ``load_adapters`` (or PEFT's
+    ``from_pretrained`` + ``load_adapter(out_dir/<name>, name)``) reads it back.
+
+    Raises:
+        ValueError: As ``save_adapter`` for any adapter, or a name that cannot be a directory name.
+            Every adapter is checked and encoded before anything is written.
+    """
+    writers = {named_adapter_subdir(Path("."), name): _adapter_writer(adapter, base_model_name_or_path,
+                                                                      fan_in_fan_out)
+               for name, adapter in adapters.adapters.items()}
+    if not writers:
+        raise ValueError("The AdapterSet is empty; there is nothing to save.")
+
+    def write_all(new: Path) -> None:
+        for relative, write in writers.items():
+            write(new / relative)
+
+    save_adapter_dir(out_dir, write_all)
 
 
 def config_from_adapter_dict(meta: Mapping[str, Any], source: str = CONFIG_FILE) -> LoraConfig:
@@ -303,7 +344,24 @@ def load_adapter(adapter_dir: str | os.PathLike, params: Mapping[str, Any], *, a
             NaN or infinity, a shape does not fit ``params``, or the config uses an unsupported
             PEFT feature. Names, shapes, dtypes and the config are checked before any tensor is read.
     """
-    files = read_adapter_files(adapter_dir)
+    return _adapter_from_files(read_adapter_files(adapter_dir), params, allow_nonfinite)
+
+
+def load_adapters(adapter_dir: str | os.PathLike, params: Mapping[str, Any], *, allow_nonfinite: bool = False
+                  ) -> AdapterSet:
+    """Reads every adapter of a directory in PEFT's multi-adapter layout, all from one save, into an ``AdapterSet``.
+
+    The root adapter (if any) is named ``"default"``, each subdirectory's by the subdirectory; all are
+    validated against ``params`` before the set is returned. The first one is active.
+
+    Raises:
+        FileNotFoundError, ValueError: As ``load_adapter``, for any of the adapters.
+    """
+    found = read_named_adapter_files(adapter_dir)
+    return AdapterSet({name: _adapter_from_files(files, params, allow_nonfinite) for name, files in found.items()})
+
+
+def _adapter_from_files(files: Any, params: Mapping[str, Any], allow_nonfinite: bool) -> Adapter:
     directory = files.directory
     weights_file = directory / files.weights_name
     if files.weights_name != WEIGHTS_FILE:

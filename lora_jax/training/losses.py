@@ -34,6 +34,8 @@ class Batch(NamedTuple):
     Attributes:
         input_ids: (B, T) integer token ids.
         mask: Optional (B, T) 0/1 mask; 0 marks padding, whose targets do not count.
+        adapter_ids: Optional (B,) ints for a mixed batch over an ``AdapterSet``: example ``i`` trains
+            adapter ``adapter_ids[i]`` (``AdapterSet.example_ids(names)``; the set's size means none).
 
     >>> Batch(jnp.zeros((2, 5), jnp.int32)).mask is None
     True
@@ -41,6 +43,7 @@ class Batch(NamedTuple):
 
     input_ids: jax.Array
     mask: jax.Array | None = None
+    adapter_ids: jax.Array | None = None
 
 
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -92,8 +95,9 @@ def check_batch(batch: Any) -> Batch:
 def lm_loss(model: Any, *, chunk_size: int | None = None) -> LossFn:
     """The next-token ``loss_fn(adapter, frozen, batch, rng)`` for a Flax language model.
 
-    ``adapter`` is an ``Adapter`` (differentiated by ``make_train_step``) or None for the base
-    model alone (pre-training differentiates ``frozen`` instead). ``rng`` feeds LoRA dropout;
+    ``adapter`` is an ``Adapter`` (differentiated by ``make_train_step``), an ``AdapterSet`` (its
+    active adapters, or a mixed batch through ``Batch.adapter_ids``), or None for the base model
+    alone (pre-training differentiates ``frozen`` instead). ``rng`` feeds LoRA dropout;
     None disables it.
 
     Args:
@@ -127,7 +131,7 @@ def lm_loss(model: Any, *, chunk_size: int | None = None) -> LossFn:
     if chunk_size is None:
         def loss_fn(adapter: Any, frozen: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
             batch = check_batch(batch)
-            logits = forward(frozen, adapter, batch.input_ids, dropout_rng=rng)  # (B, T, V)
+            logits = forward(frozen, adapter, batch.input_ids, dropout_rng=rng, adapter_names=batch.adapter_ids)
             return next_token_loss(logits, batch.input_ids, batch.mask)
 
         return loss_fn
@@ -139,7 +143,8 @@ def lm_loss(model: Any, *, chunk_size: int | None = None) -> LossFn:
 
     def chunked_loss_fn(adapter: Any, frozen: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
         batch = check_batch(batch)
-        hidden = forward(frozen, adapter, batch.input_ids, dropout_rng=rng, method="hidden")  # (B, T, D)
+        hidden = forward(frozen, adapter, batch.input_ids, dropout_rng=rng, method="hidden",
+                         adapter_names=batch.adapter_ids)  # (B, T, D)
         embedding = _tied_embedding(frozen)  # the tied head; frozen under LoRA
         return chunked_next_token_loss(hidden, embedding, batch.input_ids, batch.mask, chunk_size=chunk_size)
 
