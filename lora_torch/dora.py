@@ -79,7 +79,11 @@ class DoRALayer(LoRALayer):
 class DoRAWrapper(LoRAWrapper):
     """The DoRA forward and merge, shared by ``LinearWithDoRA`` and ``Conv1DWithDoRA``.
 
-    ``m`` is set to ``||W0 + s A B||`` when the wrapper is built (with B = 0, ``||W0||`` per output).
+    ``m`` is set to ``||W0 + s A B||`` when a branch is made (with B = 0, ``||W0||`` per output).
+    A DoRA module may hold several DoRA adapters, but only one can be active at a time: DoRA
+    rescales the whole adapted weight, so two DoRA adapters do not add up (PEFT feeds the first one's
+    output to the second as its "base", which depends on their order). Mixed batches are refused, as
+    PEFT refuses them.
     """
 
     branch_type = DoRALayer
@@ -89,29 +93,58 @@ class DoRAWrapper(LoRAWrapper):
         super().__init__(*args, **kwargs)
         self.lora.reset_magnitude(self.base_kernel())
 
-    def _dropout_active(self) -> bool:
-        dropout = self.lora.dropout
-        return isinstance(dropout, nn.Dropout) and dropout.training
+    def new_branch(self, **lora_kwargs) -> DoRALayer:
+        branch = super().new_branch(**lora_kwargs)
+        branch.reset_magnitude(self.base_kernel())
+        return branch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lora = self.lora
+    def check_active(self, names: list[str]) -> None:
+        held = [name for name in names if name in self.adapters]
+        if len(held) > 1:
+            raise ValueError(f"DoRA adapters cannot be active together ({held}): each rescales the whole adapted "
+                             "weight, so they do not add up. Activate one at a time, or merge one first.")
+
+    def _single(self, names: list[str]) -> DoRALayer | None:
+        self.check_active(names)
+        return self.adapters[names[0]] if names else None
+
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        routing = self.routing(adapter_names)
+        if self.adapters_disabled:
+            return self.base_layer(x)
+        if routing is not None:
+            used = sorted(set(routing.names) & set(self.adapters))
+            if used:
+                raise ValueError(f"adapter_names (a mixed batch) cannot use DoRA adapters ({used}), as in PEFT; "
+                                 "run each DoRA adapter on its own batch with set_adapter.")
+            return self.base_layer(x)
+        lora = self._single(self.active_names())
+        if lora is None:
+            return self.base_layer(x)
         kernel = self.base_kernel()  # (in, out)
         base = self.base_layer(x)
         factor = lora.magnitude / lora.weight_norm(kernel)  # (out,), broadcast over the last axis
-        if self._dropout_active():
-            x = lora.dropout(x)
+        dropout = lora.dropout
+        if isinstance(dropout, nn.Dropout) and dropout.training:
+            x = dropout(x)
             base_no_bias = x @ kernel  # PEFT recomputes it on the dropped input
         else:
             base_no_bias = base if self.bias is None else base - self.bias
         update = (x @ lora.lora_A @ lora.lora_B) * lora.scaling
         return base + (factor - 1) * base_no_bias + factor * update
 
-    def merged_weight(self) -> torch.Tensor:
-        """``(m / n) * (W0 + s A B)`` in the base weight's orientation, float32; ``n`` from the unmerged weights."""
+    def merged_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """``(m / n) * (W0 + s A B)`` in the base weight's orientation, float32; ``n`` from the unmerged weights.
+
+        One DoRA adapter at most (default: the active one); none gives ``W0``.
+        """
+        lora = self._single(self.merge_names(adapter_names))
+        if lora is None:
+            return self.base_layer.weight.float()
         with torch.no_grad():
-            adapted = self.base_kernel().float() + self.lora.delta_kernel().float()  # (in, out)
+            adapted = self.base_kernel().float() + lora.delta_kernel().float()  # (in, out)
             norm = torch.linalg.norm(adapted, dim=0)
-            return self.weight_from_kernel((self.lora.magnitude.float() / norm) * adapted)
+            return self.weight_from_kernel((lora.magnitude.float() / norm) * adapted)
 
 
 class LinearWithDoRA(DoRAWrapper, LinearWithLoRA):

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_format.adapter_dir import DEFAULT_ADAPTER
 from lora_torch.initialize import InitLoraWeights, init_embedding_branch
 from lora_torch.layers import LoRALayer, LoRAWrapper
 
@@ -91,6 +92,7 @@ class EmbeddingWithLoRA(LoRAWrapper):
         dropout: accepted and ignored: PEFT applies no LoRA dropout to embeddings.
         use_rslora: rank-stabilised scaling.
         init_lora_weights: ``True``, ``"gaussian"`` or ``False``, as in ``EmbeddingLoRALayer``.
+        adapter_name: the name of this first adapter (``"default"``, as PEFT's).
 
     >>> wrapped = EmbeddingWithLoRA(nn.Embedding(7, 3), rank=2, lora_alpha=4.0)
     >>> wrapped.in_features, wrapped.out_features, tuple(wrapped.delta_weight().shape)
@@ -109,6 +111,7 @@ class EmbeddingWithLoRA(LoRAWrapper):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: InitLoraWeights = True,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"EmbeddingWithLoRA wraps torch.nn.Embedding, got {type(embedding).__name__}; use "
@@ -118,13 +121,17 @@ class EmbeddingWithLoRA(LoRAWrapper):
         lora = EmbeddingLoRALayer(num_embeddings, embedding_dim, rank, lora_alpha, use_rslora=use_rslora,
                                   init_lora_weights=init_lora_weights, device=embedding.weight.device,
                                   dtype=embedding.weight.dtype)
-        super().__init__(embedding, num_embeddings, embedding_dim, lora)
+        super().__init__(embedding, num_embeddings, embedding_dim, lora, adapter_name)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def new_branch(self, **lora_kwargs) -> EmbeddingLoRALayer:
+        lora_kwargs.pop("dropout", None)  # accepted and ignored, as above
+        return super().new_branch(**lora_kwargs)
+
+    def adapter_output(self, lora: LoRALayer, ids: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        update = self.lora(ids, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
-                           scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        update = lora(ids, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+                      scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
         embed_scale = getattr(base, "embed_scale", None)  # scaled word embeddings scale the update too
         if embed_scale is not None:
             update = update * torch.as_tensor(embed_scale, dtype=update.dtype, device=update.device)
-        return base(ids) + update
+        return update

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_format.adapter_dir import DEFAULT_ADAPTER
+from lora_format.adapter_dir import check_adapter_name as check_subdir_name
 from lora_torch.initialize import InitLoraWeights, init_linear_branch
+from lora_torch.mixed_batch import BASE_ADAPTER, BatchRouting, check_batch_names, route
+
+# Where a wrapper keeps its adapters: "default" at the tutorial's ``lora``, the others in a ModuleDict.
+_DEFAULT_SLOT = "lora"
+_EXTRA_SLOT = "lora_adapters"
 
 
 def lora_scaling(rank: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -60,6 +67,32 @@ def check_lora_settings(rank: int, lora_alpha: float, dropout: float) -> None:
                          f"2 * rank (e.g. {2 * rank}).")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}; use 0.0 to disable it.")
+
+
+def check_adapter_name(name: object) -> str:
+    """``name`` if it can name an adapter, else a ValueError naming the rule.
+
+    The rule is ``lora_format.adapter_dir.check_adapter_name``'s (an adapter is saved in a subdirectory
+    of that name), plus torch's for module names: no ``"."`` and not an ``nn.ModuleDict`` attribute
+    (``"train"``, ``"double"``, ...); and not ``"__base__"`` (PEFT's word for "no adapter" in a mixed batch).
+
+    >>> check_adapter_name("task_a")
+    'task_a'
+    >>> check_adapter_name("v1.2")
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter name 'v1.2' holds a '.', which torch module names cannot; use '_' or '-' instead.
+    """
+    check_subdir_name(name)
+    if "." in name:
+        raise ValueError(f"adapter name {name!r} holds a '.', which torch module names cannot; use '_' or '-' instead.")
+    if name == BASE_ADAPTER:
+        raise ValueError(f'"{BASE_ADAPTER}" is reserved: in adapter_names it runs an example without adapter. '
+                         "Choose another adapter name.")
+    if hasattr(nn.ModuleDict, name):  # torch refuses a submodule named like an attribute ("train", "double", ...)
+        raise ValueError(f"adapter name {name!r} is the name of a torch.nn.ModuleDict attribute, which torch refuses "
+                         f"as a module name; choose another, e.g. {name + '_adapter'!r}.")
+    return name
 
 
 class LoRALayer(nn.Module):
@@ -135,7 +168,19 @@ class LoRALayer(nn.Module):
 
 
 class LoRAWrapper(nn.Module):
-    """Base class of the wrappers: a frozen ``base_layer`` plus a ``lora`` branch, summed.
+    """Base class of the wrappers: a frozen ``base_layer`` plus named LoRA branches (adapters), summed.
+
+    A wrapper holds one or more adapters by name (PEFT's model): the one named ``"default"`` is the
+    submodule ``lora``, the tutorial's name, and every other one is ``lora_adapters[name]``, so a
+    single-adapter model has the tutorial's parameter names (``<module>.lora.lora_A``).
+
+    - ``active_adapters`` lists the adapters the forward sums, in that order (PEFT's ``set_adapter``);
+      names this module does not hold add nothing here (an adapter may target other modules).
+    - ``adapters_disabled``: the forward returns the base output alone (``lora_torch.disable_adapters``).
+    - ``forward(x, adapter_names=[...])``: example ``i`` uses adapter ``adapter_names[i]`` or none
+      (``"__base__"``), each adapter on its own rows only (``lora_torch.mixed_batch``).
+    - ``wrapper.lora`` is the active adapter's branch while exactly one of this module's adapters is
+      active; ``wrapper.adapters[name]`` reaches any of them.
 
     Subclasses say how the base weight relates to the (in, out) kernel orientation of DESIGN.md
     (``base_kernel`` and ``weight_from_kernel``), and which branch class they build (``branch_type``).
@@ -143,13 +188,158 @@ class LoRAWrapper(nn.Module):
 
     branch_type: ClassVar[type[LoRALayer]] = LoRALayer
 
-    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, lora: LoRALayer) -> None:
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, lora: LoRALayer,
+                 adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.base_layer.requires_grad_(False)
         self.in_features = in_features
         self.out_features = out_features
-        self.lora = lora
+        self.active_adapters: list[str] = [check_adapter_name(adapter_name)]
+        self.adapters_disabled = False
+        self.batch_routing: BatchRouting | None = None  # set by lora_torch.adapter_names for a mixed batch
+        self._attach(adapter_name, lora)
+
+    # -- the adapters this module holds ------------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, LoRALayer]:
+        """Every adapter's branch by name: ``"default"`` first, then the others in the order they were added."""
+        held = {DEFAULT_ADAPTER: self._modules[_DEFAULT_SLOT]} if _DEFAULT_SLOT in self._modules else {}
+        extra = self._modules.get(_EXTRA_SLOT)
+        return held | (dict(extra.items()) if extra is not None else {})
+
+    @property
+    def lora(self) -> LoRALayer:
+        """The active adapter's branch: the tutorial's ``wrapper.lora`` (the only branch of a one-adapter model).
+
+        Raises:
+            ValueError: none or several of this module's adapters are active (use ``adapters[name]``).
+        """
+        active = self.active_names()
+        if len(active) != 1:
+            # Not AttributeError: nn.Module.__getattr__ would then answer with the "default" slot silently.
+            raise ValueError(f"wrapper.lora is the one active adapter of this module, but {len(active)} of its adapters "
+                             f"are active ({active}; it holds {list(self.adapters)}). Use wrapper.adapters[name], or "
+                             "lora_torch.set_adapter(model, name) first.")
+        return self.adapters[active[0]]
+
+    def active_names(self) -> list[str]:
+        """The active adapters this module holds, in ``active_adapters`` order."""
+        held = self.adapters
+        return [name for name in self.active_adapters if name in held]
+
+    def _attach(self, adapter_name: str, lora: LoRALayer) -> None:
+        if adapter_name == DEFAULT_ADAPTER:
+            self._modules[_DEFAULT_SLOT] = lora  # not setattr: the ``lora`` property would shadow the lookup
+        else:
+            if _EXTRA_SLOT not in self._modules:  # created on demand: a one-adapter model keeps its module tree
+                self._modules[_EXTRA_SLOT] = nn.ModuleDict()
+            self._modules[_EXTRA_SLOT][adapter_name] = lora
+
+    def new_branch(self, **lora_kwargs) -> LoRALayer:
+        """A fresh branch of ``branch_type`` for this module (device and dtype of the base weight)."""
+        weight = self.base_layer.weight
+        return type(self).branch_type(self.in_features, self.out_features, device=weight.device, dtype=weight.dtype,
+                                      **lora_kwargs)
+
+    def add_adapter(self, adapter_name: str, lora: LoRALayer | None = None, **lora_kwargs) -> LoRALayer:
+        """Adds the branch ``lora`` (or a new one built from ``lora_kwargs``) as adapter ``adapter_name``; returns it.
+
+        The new adapter is not made active (``set_adapter`` does that), as in PEFT.
+
+        Raises:
+            ValueError: the name is taken here or cannot name an adapter, or the branch has another size or kind.
+        """
+        check_adapter_name(adapter_name)
+        if adapter_name in self.adapters:
+            raise ValueError(f"this module already holds an adapter named {adapter_name!r}; choose a new name, or "
+                             f"delete_adapter({adapter_name!r}) first.")
+        lora = self.new_branch(**lora_kwargs) if lora is None else lora
+        if not isinstance(lora, type(self).branch_type) or (lora.in_features, lora.out_features) != (
+                self.in_features, self.out_features):
+            raise ValueError(f"{type(self).__name__} takes {type(self).branch_type.__name__} branches of size "
+                             f"({self.in_features}, {self.out_features}), got {type(lora).__name__} "
+                             f"({lora.in_features}, {lora.out_features}).")
+        self._attach(adapter_name, lora)
+        return lora
+
+    def delete_adapter(self, adapter_name: str) -> LoRALayer:
+        """Removes adapter ``adapter_name`` (and from ``active_adapters``); returns its branch."""
+        held = self.adapters
+        if adapter_name not in held:
+            raise ValueError(f"this module holds no adapter named {adapter_name!r}; it holds {list(held)}.")
+        if adapter_name == DEFAULT_ADAPTER:
+            del self._modules[_DEFAULT_SLOT]
+        else:
+            del self._modules[_EXTRA_SLOT][adapter_name]
+            if not len(self._modules[_EXTRA_SLOT]):
+                del self._modules[_EXTRA_SLOT]
+        self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
+        return held[adapter_name]
+
+    def set_adapter(self, adapter_names: str | list[str], *, inference_mode: bool = False) -> None:
+        """Makes ``adapter_names`` the active adapters (summed in that order); PEFT's layer ``set_adapter``.
+
+        As in PEFT, the active adapters' parameters get ``requires_grad=True`` (``False`` with
+        ``inference_mode``) and every other adapter's ``False``.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.check_active(names)
+        for name, branch in self.adapters.items():
+            branch.requires_grad_(name in names and not inference_mode)
+        self.active_adapters = names
+
+    def check_active(self, names: list[str]) -> None:
+        """Raises unless this module can sum the adapters ``names`` (overridden by DoRA)."""
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def adapter_output(self, lora: LoRALayer, x: torch.Tensor) -> torch.Tensor:
+        """One branch's addition to the base output (overridden by embeddings)."""
+        return lora(x)
+
+    def routing(self, adapter_names: list[str] | None) -> BatchRouting | None:
+        """The mixed-batch routing of this call: ``adapter_names`` (checked here), else ``batch_routing``."""
+        if adapter_names is None:
+            return self.batch_routing
+        routing = BatchRouting(check_batch_names(adapter_names))
+        unknown = sorted(set(routing.names) - set(self.adapters) - {BASE_ADAPTER})
+        if unknown:
+            raise ValueError(f"adapter_names names adapters this module does not hold: {unknown}; it holds "
+                             f"{list(self.adapters)} (\"{BASE_ADAPTER}\" runs an example without adapter).")
+        return routing
+
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """``base_layer(x)`` plus each active adapter's branch; with ``adapter_names``, example ``i``'s adapter only.
+
+        Args:
+            x: the input, (batch, ...).
+            adapter_names: one adapter name per example (``"__base__"`` for none), PEFT's mixed batch; each
+                name must be an adapter of this module or ``"__base__"``.
+        """
+        routing = self.routing(adapter_names)
+        if self.adapters_disabled:
+            return self.base_layer(x)
+        if routing is not None:
+            held = self.adapters
+            return route(self.base_layer(x), x, routing,
+                         lambda name, sub: self.adapter_output(held[name], sub) if name in held else None)
+        # Sum, not composition: the tutorial's lora(linear(x)) applied a second random matrix.
+        result = self.base_layer(x)
+        held = self.adapters
+        for name in self.active_names():
+            result = result + self.adapter_output(held[name], x)
+        return result
+
+    # -- merge -------------------------------------------------------------------------------------
+
+    def merge_names(self, adapter_names: list[str] | None = None) -> list[str]:
+        """The adapters a merge folds in here: ``adapter_names`` (default the active ones) that this module holds."""
+        if adapter_names is None:
+            return self.active_names()
+        held = self.adapters
+        return [name for name in adapter_names if name in held]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -169,20 +359,27 @@ class LoRAWrapper(nn.Module):
         """Turns an (in, out) kernel into the base weight's orientation (the inverse of ``base_kernel``)."""
         return kernel
 
-    def delta_weight(self) -> torch.Tensor:
-        """Returns the merged update in the base weight's orientation (overridden per layer type)."""
-        return self.lora.delta_kernel()
+    def delta_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """The merged update of ``adapter_names`` (default: the active adapters), in the base weight's orientation.
 
-    def merged_weight(self) -> torch.Tensor:
+        Several adapters are summed, in that order; none gives zeros.
+        """
+        held = self.adapters
+        kernels = [held[name].delta_kernel() for name in self.merge_names(adapter_names)]
+        if not kernels:
+            return torch.zeros_like(self.base_layer.weight)
+        kernel = kernels[0]
+        for other in kernels[1:]:
+            kernel = kernel + other
+        return self.weight_from_kernel(kernel)
+
+    def merged_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
         """The weight a merge writes, in the base weight's orientation, as float32: ``W0 + delta_weight()``.
 
         Summed in float32 at least, so a half-precision base is rounded once (by the merge), not twice.
         """
-        return self.base_layer.weight.float() + self.delta_weight().float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Sum, not composition: the tutorial's lora(linear(x)) applied a second random matrix.
-        return self.base_layer(x) + self.lora(x)
+        delta = self.delta_weight() if adapter_names is None else self.delta_weight(adapter_names)
+        return self.base_layer.weight.float() + delta.float()
 
 
 def _branch_for(branch_type: type[LoRALayer], weight: torch.Tensor, in_features: int, out_features: int,
@@ -200,6 +397,7 @@ class LinearWithLoRA(LoRAWrapper):
         dropout: dropout on the branch's input.
         use_rslora: rank-stabilised scaling.
         init_lora_weights: ``True``, ``"gaussian"`` or ``False``, as in ``LoRALayer``.
+        adapter_name: the name of this first adapter (``"default"``, as PEFT's); ``add_adapter`` adds more.
 
     >>> wrapped = LinearWithLoRA(nn.Linear(6, 3), rank=2, lora_alpha=4.0)
     >>> wrapped.base_layer.weight.requires_grad, tuple(wrapped.delta_weight().shape)
@@ -215,6 +413,7 @@ class LinearWithLoRA(LoRAWrapper):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: InitLoraWeights = True,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LinearWithLoRA wraps torch.nn.Linear, got {type(linear).__name__}; "
@@ -222,18 +421,15 @@ class LinearWithLoRA(LoRAWrapper):
         lora = _branch_for(type(self).branch_type, linear.weight, linear.in_features, linear.out_features,
                            rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora,
                            init_lora_weights=init_lora_weights)
-        super().__init__(linear, linear.in_features, linear.out_features, lora)
+        super().__init__(linear, linear.in_features, linear.out_features, lora, adapter_name)
 
     def base_kernel(self) -> torch.Tensor:
         # nn.Linear stores (out, in); the kernel orientation is (in, out).
         return self.base_layer.weight.T
 
     def weight_from_kernel(self, kernel: torch.Tensor) -> torch.Tensor:
-        return kernel.T
-
-    def delta_weight(self) -> torch.Tensor:
         # nn.Linear stores (out, in), so the (in, out) update is transposed.
-        return self.lora.delta_kernel().T
+        return kernel.T
 
 
 class Conv1DWithLoRA(LoRAWrapper):
@@ -246,6 +442,7 @@ class Conv1DWithLoRA(LoRAWrapper):
         dropout: dropout on the branch's input.
         use_rslora: rank-stabilised scaling.
         init_lora_weights: ``True``, ``"gaussian"`` or ``False``, as in ``LoRALayer``.
+        adapter_name: the name of this first adapter (``"default"``, as PEFT's); ``add_adapter`` adds more.
 
     >>> wrapped = Conv1DWithLoRA(Conv1D(nf=9, nx=3), rank=2)
     >>> wrapped.in_features, wrapped.out_features, tuple(wrapped.delta_weight().shape)
@@ -261,6 +458,7 @@ class Conv1DWithLoRA(LoRAWrapper):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: InitLoraWeights = True,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         if not isinstance(conv1d, Conv1D):
             raise TypeError(f"Conv1DWithLoRA wraps transformers.pytorch_utils.Conv1D, got "
@@ -269,7 +467,7 @@ class Conv1DWithLoRA(LoRAWrapper):
         lora = _branch_for(type(self).branch_type, conv1d.weight, in_features, out_features,
                            rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora,
                            init_lora_weights=init_lora_weights)
-        super().__init__(conv1d, in_features, out_features, lora)
+        super().__init__(conv1d, in_features, out_features, lora, adapter_name)
 
 
 # The wrapper for each linear base type; inject_lora's table (lora_torch.inject.WRAPPER_FOR_TYPE) adds embeddings.

@@ -23,7 +23,7 @@ import logging
 import torch
 from torch import nn
 
-from lora_torch.inject import lora_wrappers
+from lora_torch.inject import list_adapters, lora_wrappers
 from lora_torch.layers import LoRAWrapper
 
 logger = logging.getLogger(__name__)
@@ -42,13 +42,15 @@ def _tied_to(model: nn.Module, name: str, wrapper: LoRAWrapper) -> list[str]:
             if param is weight and other != own]
 
 
-def _merged_layer(wrapper: LoRAWrapper, keep_for_unmerge: bool, tied: bool) -> nn.Module:
+def _merged_layer(wrapper: LoRAWrapper, keep_for_unmerge: bool, tied: bool,
+                  adapter_names: list[str] | None) -> nn.Module:
     base = wrapper.base_layer
     in_place = tied or not keep_for_unmerge
     merged = base if in_place else copy.deepcopy(base)
     with torch.no_grad():
         # Computed from the wrapper's own base_layer before anything is written.
-        weight = wrapper.merged_weight().to(merged.weight.dtype)
+        weight = (wrapper.merged_weight() if adapter_names is None else wrapper.merged_weight(adapter_names)).to(
+            merged.weight.dtype)
         if keep_for_unmerge and in_place:
             object.__setattr__(merged, _UNMERGE_WEIGHT_ATTR, merged.weight.detach().clone())
         merged.weight.copy_(weight)
@@ -70,7 +72,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child_name, module)
 
 
-def merge_lora_weights(model: nn.Module, *, keep_for_unmerge: bool = True) -> nn.Module:
+def merge_lora_weights(model: nn.Module, *, keep_for_unmerge: bool = True,
+                       adapter_names: list[str] | None = None) -> nn.Module:
     """Replaces every LoRA wrapper with a plain layer holding the merged weight; returns ``model``.
 
     A base weight tied to another module is merged in place, keeping the tie (module docstring), and
@@ -81,9 +84,12 @@ def merge_lora_weights(model: nn.Module, *, keep_for_unmerge: bool = True) -> nn
         keep_for_unmerge: keep each wrapper (and so the exact base weight) for
             ``unmerge_lora_weights``. Costs one extra copy of each targeted weight; pass False to
             merge in place when memory matters and no way back is needed.
+        adapter_names: the adapters to fold in (their updates are summed); default the active ones,
+            as PEFT's ``merge_and_unload``. A module holding none of them gets its base weight.
+            Unmerging puts every adapter back, whichever were merged.
 
     Raises:
-        ValueError: the model has no LoRA wrappers.
+        ValueError: the model has no LoRA wrappers, an unknown adapter name, or two DoRA adapters in one module.
 
     >>> from lora_torch.inject import inject_lora
     >>> model = inject_lora(nn.Sequential(nn.Linear(4, 3)), ["0"], rank=2, verbose=False)
@@ -93,11 +99,20 @@ def merge_lora_weights(model: nn.Module, *, keep_for_unmerge: bool = True) -> nn
     wrappers = lora_wrappers(model)
     if not wrappers:
         raise ValueError(f"{type(model).__name__} has no LoRA wrappers to merge; call inject_lora(model, ...) first.")
+    if adapter_names is not None:
+        adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        available = list_adapters(model)
+        unknown = [name for name in adapter_names if name not in available]
+        if unknown:
+            raise ValueError(f"merge_lora_weights: no adapter named {unknown} in the model; its adapters are "
+                             f"{available}.")
+    for wrapper in wrappers.values():  # before anything is written: DoRA merges one adapter at most
+        wrapper.check_active(wrapper.merge_names(adapter_names))
     for name, wrapper in wrappers.items():
         tied = _tied_to(model, name, wrapper)
         if tied:
             _warn_tied(name, tied)
-        _replace(model, name, _merged_layer(wrapper, keep_for_unmerge, bool(tied)))
+        _replace(model, name, _merged_layer(wrapper, keep_for_unmerge, bool(tied), adapter_names))
     return model
 
 

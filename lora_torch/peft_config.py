@@ -22,9 +22,9 @@ from torch import nn
 
 from lora_format.patterns import Pattern, module_rank_alpha, pattern_key, resolve_modules
 from lora_format.peft_fields import read_adapter_config
-from lora_torch.embedding import EmbeddingWithLoRA
-from lora_torch.inject import lora_wrappers, select_modules
-from lora_torch.layers import Conv1DWithLoRA, LoRAWrapper
+from lora_torch.embedding import EmbeddingLoRALayer
+from lora_torch.inject import adapter_layers, lora_wrappers, select_modules
+from lora_torch.layers import Conv1DWithLoRA, LoRALayer
 from lora_torch.targeting import TargetModules, layer_index
 
 
@@ -74,8 +74,8 @@ def describe_targets(names: Sequence[str], model: nn.Module) -> tuple[list[str],
     return sorted(wanted), None
 
 
-def _uniform(wrappers: dict[str, LoRAWrapper], attribute: str):
-    values = {getattr(w.lora, attribute) for w in wrappers.values()}
+def _uniform(layers: dict[str, LoRALayer], attribute: str):
+    values = {getattr(layer, attribute) for layer in layers.values()}
     if len(values) != 1:
         raise ValueError(f"LoRA modules use different {attribute} values {sorted(values)}; PEFT's adapter_config.json "
                          "holds one setting for all modules (only rank and alpha can vary, through rank_pattern and "
@@ -98,9 +98,9 @@ def exact_key(name: str, names: Sequence[str]) -> str:
     return "^" + re.escape(name)
 
 
-def _dropout(wrappers: dict[str, LoRAWrapper]) -> float:
+def _dropout(layers: dict[str, LoRALayer]) -> float:
     # PEFT never applies lora_dropout to embeddings, and their branches hold none; the others must agree.
-    linear = {name: w for name, w in wrappers.items() if not isinstance(w, EmbeddingWithLoRA)}
+    linear = {name: layer for name, layer in layers.items() if not isinstance(layer, EmbeddingLoRALayer)}
     return _uniform(linear, "dropout_p") if linear else 0.0
 
 
@@ -108,13 +108,13 @@ def _most_common(values: Sequence):
     return Counter(values).most_common(1)[0][0]  # ties: the first module's value
 
 
-def describe_ranks(wrappers: dict[str, LoRAWrapper]) -> tuple[int, float, dict[str, int], dict[str, float]]:
-    """``(r, lora_alpha, rank_pattern, alpha_pattern)`` that give each wrapper exactly its rank and alpha.
+def describe_ranks(layers: dict[str, LoRALayer]) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``(r, lora_alpha, rank_pattern, alpha_pattern)`` that give each module's branch exactly its rank and alpha.
 
     ``r`` and ``lora_alpha`` are the most common values; each other module is named by ``exact_key``.
     """
-    names = list(wrappers)
-    actual = {name: (w.lora.rank, w.lora.lora_alpha) for name, w in wrappers.items()}
+    names = list(layers)
+    actual = {name: (layer.rank, layer.lora_alpha) for name, layer in layers.items()}
     rank = _most_common([r for r, _ in actual.values()])
     alpha = _most_common([a for _, a in actual.values()])
     rank_pattern = {exact_key(name, names): r for name, (r, _) in actual.items() if r != rank}
@@ -132,33 +132,41 @@ def _task_type(model: nn.Module) -> str | None:
     return "CAUSAL_LM" if type(model).__name__.endswith(("LMHeadModel", "ForCausalLM")) else None
 
 
-def build_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
-    """Returns the ``adapter_config.json`` dict that describes the LoRA injected in ``model``.
+def build_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None, *,
+                         adapter_name: str | None = None) -> dict:
+    """Returns the ``adapter_config.json`` dict that describes one adapter of ``model``.
 
     Modules with different ranks or alphas are described by ``describe_ranks``.
 
+    Args:
+        model: a model with LoRA injected.
+        base_model_name_or_path: recorded in the config.
+        adapter_name: the adapter to describe; default the one active adapter (the only one after ``inject_lora``).
+
     Raises:
-        ValueError: no LoRA in the model, or modules with different dropout, rsLoRA or DoRA settings.
+        ValueError: no LoRA in the model, no such adapter (or several active and none named), or modules with
+            different dropout, rsLoRA or DoRA settings.
     """
-    wrappers = lora_wrappers(model)
-    if not wrappers:
+    if not lora_wrappers(model):
         raise ValueError(f"{type(model).__name__} has no LoRA modules; call inject_lora(model, ...) first.")
-    target_modules, layers_to_transform = describe_targets(list(wrappers), model)
-    rank, alpha, rank_pattern, alpha_pattern = describe_ranks(wrappers)
+    layers = adapter_layers(model, adapter_name)
+    wrappers = lora_wrappers(model)
+    target_modules, layers_to_transform = describe_targets(list(layers), model)
+    rank, alpha, rank_pattern, alpha_pattern = describe_ranks(layers)
     return {
         "peft_type": "LORA",
         "task_type": _task_type(model),
         "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": _dropout(wrappers),
-        "use_rslora": _uniform(wrappers, "use_rslora"),
+        "lora_dropout": _dropout(layers),
+        "use_rslora": _uniform(layers, "use_rslora"),
         "target_modules": target_modules,
         "layers_to_transform": layers_to_transform,
         "layers_pattern": None,
         # GPT-2's Conv1D stores (in, out); PEFT needs this flag to merge it without a transpose.
-        "fan_in_fan_out": any(isinstance(w, Conv1DWithLoRA) for w in wrappers.values()),
+        "fan_in_fan_out": any(isinstance(wrappers[name], Conv1DWithLoRA) for name in layers),
         "bias": "none",
-        "use_dora": _uniform(wrappers, "use_dora"),
+        "use_dora": _uniform(layers, "use_dora"),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "modules_to_save": None,
