@@ -494,6 +494,8 @@ def read_named_adapter_files(path: str | os.PathLike) -> dict[str, AdapterFiles]
     for attempt in range(_PIN_ATTEMPTS):
         try:
             found = _read_named_once(path)
+        except _IncompleteAdapter as err:
+            raise FileNotFoundError(str(err)) from None
         except FileNotFoundError:
             found = None
             if attempt >= 5:
@@ -506,6 +508,10 @@ def read_named_adapter_files(path: str | os.PathLike) -> dict[str, AdapterFiles]
     if not found:
         raise FileNotFoundError(f"{path} holds no adapter: no {CONFIG_NAME} at its root or in a subdirectory.")
     return {name: _checked(files) for name, files in found.items()}
+
+
+class _IncompleteAdapter(Exception):
+    """An adapter directory of a save that lacks a file (as opposed to a directory swapped away meanwhile)."""
 
 
 def _read_named_once(path: Path) -> dict[str, AdapterFiles] | None:
@@ -526,6 +532,8 @@ def _read_named_once(path: Path) -> dict[str, AdapterFiles] | None:
                 try:
                     if CONFIG_NAME in handles:
                         found[name or DEFAULT_ADAPTER] = _read_pinned_files(pinned, pinned.path)
+                except FileNotFoundError as err:  # a config without weights: not a missing directory, say what is
+                    raise _IncompleteAdapter(str(err)) from None
                 finally:
                     for handle in handles.values():
                         os.close(handle)

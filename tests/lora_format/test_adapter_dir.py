@@ -261,3 +261,12 @@ def test_adapter_names_that_cannot_be_subdirectories_are_refused(bad):
     from lora_format.adapter_dir import check_adapter_name
     with pytest.raises(ValueError, match="cannot name a subdirectory"):
         check_adapter_name(bad)
+
+
+def test_a_config_without_weights_is_named_at_once(tmp_path):
+    from lora_format.adapter_dir import read_named_adapter_files
+    (tmp_path / CONFIG_NAME).write_bytes(encode_config({"peft_type": "LORA"}))
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=f"has no {WEIGHTS_NAME}; it is not a PEFT adapter directory"):
+        read_named_adapter_files(tmp_path)
+    assert time.monotonic() - started < 0.5  # no retries: nothing was swapped, a file is missing
