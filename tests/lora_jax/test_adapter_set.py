@@ -19,12 +19,13 @@ import optax
 import peft
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
 
 import lora_jax
-from lora_jax import BASE_NAME, AdapterSet
-from lora_jax.gpt2.loading import load_gpt2
-from lora_jax.gpt2.model import GPT2
+from peft_compare import flax_gpt2, max_error
+from peft_compare import hf_gpt2 as base_model
+from peft_compare import jax_logits as shared_jax_logits
+from peft_compare import torch_logits as shared_torch_logits
+from lora_jax import BASE_NAME
 from lora_jax.lora_tree import get_module
 from lora_jax.targets import dotted_name
 
@@ -44,12 +45,7 @@ GRAD_RTOL = 2e-5
 
 @pytest.fixture(scope="module")
 def gpt2(tiny_gpt2_dir):
-    config, params = load_gpt2(tiny_gpt2_dir)
-    return GPT2(config), params
-
-
-def base_model(model_dir) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return flax_gpt2(tiny_gpt2_dir)
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +70,11 @@ def adapters(gpt2, peft_multi):
 
 
 def jax_logits(gpt2, adapter, ids=IDS, **kwargs) -> np.ndarray:
-    model, params = gpt2
-    with jax.default_matmul_precision("highest"):
-        return np.asarray(lora_jax.lora_apply(model.apply)(params, adapter, jnp.asarray(ids), **kwargs))
+    return shared_jax_logits(gpt2, adapter, ids, **kwargs)
 
 
 def torch_logits(model, ids=IDS, **kwargs) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(ids), **kwargs).logits.numpy()
-
-
-def max_error(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    return shared_torch_logits(model, ids, **kwargs)
 
 
 def test_peft_multi_adapter_layout_loads_every_adapter(adapters, peft_multi):

@@ -23,17 +23,16 @@ import optax
 import peft
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
 
 import lora_jax
-from lora_jax.gpt2.loading import load_gpt2
-from lora_jax.gpt2.model import GPT2
+from peft_compare import IDS, flax_gpt2, max_error, torch_logits
+from peft_compare import hf_gpt2 as base_model
+from peft_compare import jax_logits as shared_jax_logits
 from lora_jax.lora_tree import EMBEDDING_A, EMBEDDING_B, get_module
 from lora_jax.loraplus import loraplus_labels
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
-IDS = np.array([[5, 17, 99, 3, 42, 0, 7, 64], [1, 2, 3, 4, 5, 6, 7, 8]])
 TARGETS = ["wte", "c_attn"]
 LOGITS_ATOL = 1e-5  # module docstring
 WTE = ("transformer", "wte")
@@ -41,28 +40,11 @@ WTE = ("transformer", "wte")
 
 @pytest.fixture(scope="module")
 def gpt2(tiny_gpt2_dir):
-    config, params = load_gpt2(tiny_gpt2_dir)
-    return GPT2(config), params
-
-
-def base_model(model_dir) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return flax_gpt2(tiny_gpt2_dir)
 
 
 def jax_logits(gpt2, adapter, params=None) -> np.ndarray:
-    model, base = gpt2
-    with jax.default_matmul_precision("highest"):
-        return np.asarray(lora_jax.lora_apply(model.apply)(base if params is None else params, adapter,
-                                                           jnp.asarray(IDS)))
-
-
-def torch_logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(IDS)).logits.numpy()
-
-
-def max_error(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    return shared_jax_logits(gpt2, adapter, IDS, params)
 
 
 @pytest.fixture(scope="module", params=[(1, False), (4, True)], ids=["r1", "r4_rslora"])
