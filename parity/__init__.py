@@ -3,7 +3,10 @@
 Load a checkpoint into transformers + ``lora_torch`` and into the Flax GPT-2 + ``lora_jax``,
 run the seven checks (base forward, injection, forward deltas, gradients, training, merge,
 adapter interchange), and get one row per comparison: max abs and rel error, tolerance,
-pass/fail. ``python -m parity`` is the command-line front end.
+pass/fail. Stages 2-7 also hold JAX to ``peft`` itself (``parity.peft_reference``), so a rule both
+halves share cannot pass by agreeing with itself. The variants run through every stage: DoRA
+(``use_dora``), LoRA+ (``loraplus_ratio``), ``targets="all-linear"``, rank/alpha patterns.
+``python -m parity`` is the command-line front end.
 
 Example (the Python API; the model directory is any GPT-2 ``save_pretrained`` output)::
 
@@ -11,6 +14,7 @@ Example (the Python API; the model directory is any GPT-2 ``save_pretrained`` ou
     pair = load_pair("path/to/gpt2_dir")              # or None: the embedded base
     report = run_suite(pair, SuiteSettings(targets=("c_attn",), rank=8, alpha=16.0))
     print(render_table(report)); assert report.passed
+    run_suite(pair, SuiteSettings(targets="all-linear", use_dora=True, loraplus_ratio=16.0))
 
     from parity import run_check
     rows = run_check(pair, "merge").rows              # one stage only

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from lora_format.json_files import read_json_object
+from lora_format.peft_keys import LORA_A, LORA_B, LORA_MAGNITUDE, split_key
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # The config.json fields parity sizes the batches and the LoRA shapes from; save_pretrained writes them all.
@@ -158,10 +159,11 @@ def check_adapter_files(adapter_dir: str | os.PathLike) -> Path:
 
 
 def adapter_factor_shapes(adapter_dir: str | os.PathLike, gpt2_config: dict) -> dict[str, dict[str, tuple]]:
-    """``module -> {"A": shape, "B": shape}`` of an adapter's tensors, read from the safetensors header.
+    """``module -> {"A": shape, "B": shape}`` (and ``"m"`` for DoRA) of an adapter's tensors, from the header.
 
     Every key must name a projection of this GPT-2 and every shape must be ``lora_A.weight``
-    (r, in) / ``lora_B.weight`` (out, r) for that projection.
+    (r, in) / ``lora_B.weight`` (out, r) / ``lora_magnitude_vector`` (out,) for that projection. Keys are
+    read with ``lora_format.peft_keys.split_key``, the rule both halves load with.
 
     Raises:
         ValueError: the file is truncated or corrupt, or the adapter was made for another model
@@ -197,16 +199,20 @@ def validate_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict) -> dict:
     return config
 
 
+_LEAVES = {LORA_A: "A", LORA_B: "B", LORA_MAGNITUDE: "m"}
+
+
 def _check_adapter_tensor(key: str, shape: tuple, expected: dict, path: Path) -> tuple[str, str]:
-    module, _, leaf = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
-    if module not in expected or leaf not in ("A.weight", "B.weight"):
+    module, part = split_key(key) or ("", "")
+    if module not in expected or part not in _LEAVES:
         raise ValueError(f"Adapter {str(path)!r} has tensor {key!r}, which names no LoRA projection of this "
                          f"GPT-2 (e.g. {_PEFT_PREFIX}{next(iter(expected))}.lora_A.weight). It was made for "
                          "another model; pass the checkpoint it was trained on with --model.")
     d_in, d_out = expected[module]
-    ok = len(shape) == 2 and (shape[1] == d_in if leaf == "A.weight" else shape[0] == d_out)
+    want = {LORA_A: f"(r, {d_in})", LORA_B: f"({d_out}, r)", LORA_MAGNITUDE: f"({d_out},)"}[part]
+    ok = {LORA_A: len(shape) == 2 and shape[1] == d_in, LORA_B: len(shape) == 2 and shape[0] == d_out,
+          LORA_MAGNITUDE: tuple(shape) == (d_out,)}[part]
     if not ok:
-        want = f"(r, {d_in})" if leaf == "A.weight" else f"({d_out}, r)"
         raise ValueError(f"Adapter tensor {key!r} has shape {shape}, but this GPT-2's {module} needs {want}. "
                          "The adapter was made for another model; pass its base checkpoint with --model.")
-    return module, leaf[0]
+    return module, _LEAVES[part]

@@ -7,7 +7,9 @@ Exit status, the project's one contract (DESIGN.md: the same in parity, the exam
 - 2: bad input: one line on stderr, ``python -m parity: error: ...``, naming the problem and the fix,
   no traceback. Every input is checked before any model is loaded (:mod:`parity.validation`): flags,
   output paths, the device, ``--model``'s config.json and weight header, ``--adapter``'s config and
-  tensors, and which modules ``--targets``/``--layers`` select at ``--rank``.
+  tensors (DoRA magnitudes included), which modules ``--targets``/``--layers`` select at ``--rank``, and
+  the variant flags (``--dora`` or ``--targets all-linear`` beside ``--adapter`` or ``--layers``, a
+  ``--loraplus-ratio`` that is not > 0 or has no training check to act on).
 - 3: divergence: the training check's loss went non-finite (a NaN or inf), in either half.
 
 Any other traceback is a bug in parity.
@@ -16,6 +18,7 @@ Any other traceback is a bug in parity.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -34,7 +37,7 @@ from parity.validation import (
     gpt2_skeleton,
 )
 
-_LORA_FLAGS = ("targets", "rank", "alpha", "rslora", "layers")
+_LORA_FLAGS = ("targets", "rank", "alpha", "rslora", "layers", "dora")
 EXIT_CODES = """exit status:
   0  every check passed
   1  a numerical check failed (see the FAIL rows)
@@ -53,13 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GPT-2 checkpoint directory or hub id (default: the project's embedded base)")
     parser.add_argument("--adapter", default=None,
                         help="PEFT LoRA adapter directory to check instead of random A/B (its config sets targets, "
-                             "rank, alpha, rsLoRA, layers)")
+                             "rank, alpha, rsLoRA, layers, patterns, DoRA)")
     parser.add_argument("--targets", default=None,
-                        help="comma-separated module names (default c_attn,c_proj), or re:REGEX for a regex")
+                        help="comma-separated module names (default c_attn,c_proj), re:REGEX for a regex, or "
+                             "all-linear (PEFT's: every linear layer but the output head)")
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default 4)")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 8)")
     parser.add_argument("--rslora", action="store_true", default=None, help="rsLoRA scaling alpha/sqrt(r)")
     parser.add_argument("--layers", default=None, help="layers_to_transform, comma-separated indices")
+    parser.add_argument("--dora", action="store_true", default=None,
+                        help="DoRA: a learned magnitude per output feature (PEFT's use_dora)")
+    parser.add_argument("--loraplus-ratio", type=float, default=None, metavar="R",
+                        help="LoRA+ in the training check: B's learning rate is R times A's (the paper suggests 16)")
     parser.add_argument("--steps", type=int, default=10, help="AdamW steps of the training check (default 10)")
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per batch (default 2)")
     parser.add_argument("--seq-len", type=int, default=16, help="tokens per sequence (default 16)")
@@ -78,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _targets(text: str) -> tuple[str, ...] | str:
+    from lora_format.all_linear import ALL_LINEAR, is_all_linear
+
+    if is_all_linear(text.strip()):
+        return ALL_LINEAR
     if text.startswith("re:"):
         return text[3:]
     names = tuple(part.strip() for part in text.split(",") if part.strip())
@@ -97,19 +109,25 @@ def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
     """The :class:`SuiteSettings` an argument namespace asks for.
 
     Raises:
-        BadInput: Conflicting or malformed flags (e.g. ``--adapter`` with ``--rank``, ``--section``
-            without ``--markdown``, ``--rank 0``).
+        BadInput: Conflicting or malformed flags (e.g. ``--adapter`` with ``--rank`` or ``--dora``, ``--section``
+            without ``--markdown``, ``--rank 0``, ``--loraplus-ratio 0``, ``--targets all-linear`` with ``--layers``).
     """
     if args.section is not None and args.markdown is None:
         raise BadInput(f"--section {args.section} replaces a section of a Markdown page; add --markdown PAGE.md.")
     if args.adapter is not None:
         given = [f"--{flag}" for flag in _LORA_FLAGS if getattr(args, flag) is not None]
         if given:
-            raise BadInput(f"--adapter takes targets, rank, alpha, rsLoRA and layers from its adapter_config.json; "
-                           f"drop {', '.join(given)}.")
+            raise BadInput(f"--adapter takes targets, rank, alpha, rsLoRA, layers and DoRA from its "
+                           f"adapter_config.json; drop {', '.join(given)}.")
+    checks = tuple(part.strip() for part in args.checks.split(",") if part.strip())
+    _check_loraplus_ratio(args.loraplus_ratio, checks)
     lora = {}
     if args.targets is not None:
         lora["targets"] = _targets(args.targets)
+        if lora["targets"] == "all-linear" and args.layers is not None:
+            raise BadInput(f"--targets {args.targets} cannot take --layers: PEFT expands all-linear to full module "
+                           "names, which layers_to_transform never filters; pass --targets c_attn,c_proj,c_fc "
+                           f"--layers {args.layers} instead.")
     if args.rank is not None:
         lora["rank"] = args.rank
     if args.alpha is not None:
@@ -118,16 +136,37 @@ def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
         lora["use_rslora"] = True
     if args.layers is not None:
         lora["layers_to_transform"] = _layers(args.layers)
-    checks = tuple(part.strip() for part in args.checks.split(",") if part.strip())
+    if args.dora:
+        lora["use_dora"] = True
     # SuiteSettings and LoraConfig validate steps, checks, rank, alpha, targets and layers as they are built.
     try:
         settings = SuiteSettings(adapter=args.adapter, steps=args.steps, batch_size=args.batch_size,
-                                 seq_len=args.seq_len, seed=args.seed, checks=checks, **lora)
+                                 seq_len=args.seq_len, seed=args.seed, checks=checks,
+                                 loraplus_ratio=args.loraplus_ratio, **lora)
         if args.adapter is None:
             settings.lora_config()
     except (ValueError, TypeError) as error:
         raise BadInput(str(error)) from error
     return settings
+
+
+def _check_loraplus_ratio(ratio: float | None, checks: tuple[str, ...]) -> None:
+    """``--loraplus-ratio`` must be a finite number > 0, and the training check must run to use it.
+
+    >>> _check_loraplus_ratio(16.0, ("training",))
+    >>> _check_loraplus_ratio(-1.0, ("training",))
+    Traceback (most recent call last):
+    ...
+    parity.validation.BadInput: --loraplus-ratio -1 must be a finite number > 0 (B's learning rate over A's); pass e.g. --loraplus-ratio 16, as the LoRA+ paper suggests.
+    """
+    if ratio is None:
+        return
+    if not (math.isfinite(ratio) and ratio > 0):
+        raise BadInput(f"--loraplus-ratio {ratio:g} must be a finite number > 0 (B's learning rate over A's); "
+                       "pass e.g. --loraplus-ratio 16, as the LoRA+ paper suggests.")
+    if "training" not in checks:
+        raise BadInput(f"--loraplus-ratio sets the training check's optimizer, but --checks {','.join(checks)} leaves "
+                       "training out; add training to --checks, or drop --loraplus-ratio.")
 
 
 def validate_inputs(args: argparse.Namespace, settings: SuiteSettings) -> Path:

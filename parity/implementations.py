@@ -39,7 +39,8 @@ def inject_torch(model, config):
 
     Every field that selects modules (``target_modules``, ``layers_to_transform``,
     ``layers_pattern``) is passed on, so both halves pick their layer index by the same rule, and
-    so are ``rank_pattern`` / ``alpha_pattern``, which give modules their own rank and alpha.
+    so are ``rank_pattern`` / ``alpha_pattern``, which give modules their own rank and alpha, and
+    ``use_dora``. ``init_lora_weights`` is not: the checks copy JAX's A, B (and m) into torch.
     """
     from lora_torch import freeze_base_model, inject_lora
 
@@ -47,7 +48,7 @@ def inject_torch(model, config):
     inject_lora(model, config.target_modules, config.rank, config.alpha, dropout=config.dropout,
                 use_rslora=config.use_rslora, layers_to_transform=config.layers_to_transform,
                 layers_pattern=config.layers_pattern, rank_pattern=config.rank_pattern,
-                alpha_pattern=config.alpha_pattern, verbose=False)
+                alpha_pattern=config.alpha_pattern, use_dora=config.use_dora, verbose=False)
     return freeze_base_model(model)
 
 
@@ -74,9 +75,11 @@ class Implementations:
         torch_merge: ``model -> model`` with wrappers merged (reversibly).
         torch_unmerge: ``merged model -> model`` with the wrappers back.
         jax_merge: ``(params, adapter) -> merged params``.
-        jax_unmerge: ``(merged params, adapter) -> params``.
-        torch_optimizer: ``(parameters, TrainSettings) -> torch.optim.Optimizer``.
-        jax_optimizer: ``TrainSettings -> optax.GradientTransformation``.
+        jax_unmerge: ``(merged params, adapter, *, weight_norms=None) -> params``; DoRA passes ``weight_norms``.
+        jax_dora_weight_norms: ``(params, adapter) -> {path: ||W0 + s A B||}``, taken before a DoRA merge.
+        torch_optimizer: ``(LoRA-injected model, TrainSettings) -> torch.optim.Optimizer``; each group's
+            initial lr is ``settings.lr`` times its factor (LoRA+: ``ratio`` for B), which the loop keeps.
+        jax_optimizer: ``TrainSettings -> optax.GradientTransformation`` (LoRA+ included).
         jax_save_adapter: ``(out_dir, adapter) -> None`` writing a PEFT directory (config from the adapter).
         jax_load_adapter: ``(adapter_dir, params) -> lora_jax.Adapter``.
         torch_save_adapter: ``(model, out_dir) -> None`` writing a PEFT directory.
@@ -92,6 +95,7 @@ class Implementations:
     torch_unmerge: Callable = _deferred("lora_torch", "unmerge_lora_weights")
     jax_merge: Callable = _deferred("lora_jax", "merge")
     jax_unmerge: Callable = _deferred("lora_jax", "unmerge")
+    jax_dora_weight_norms: Callable = _deferred("lora_jax", "dora_weight_norms")
     torch_optimizer: Callable = torch_adamw
     jax_optimizer: Callable = optax_adamw
     jax_save_adapter: Callable = _deferred("lora_jax", "save_adapter")

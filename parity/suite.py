@@ -3,6 +3,10 @@
 Each stage is guarded: an exception inside a check (a shape error from a broken merge,
 modules that differ so values cannot be copied) becomes a failed row naming the error,
 and the next stage still runs.
+
+Every stage but base_forward also holds JAX to PEFT itself (``parity.peft_reference``) when ``peft``
+is installed: the variants' rules (DoRA, LoRA+, all-linear, rank/alpha patterns) sit in shared code
+or in both halves, where a JAX-against-torch comparison cannot see them.
 """
 
 from __future__ import annotations
@@ -37,11 +41,16 @@ class SuiteSettings:
     """What the suite runs.
 
     Attributes:
-        targets: LoRA target modules (list -> names, str -> regex) for stages 3-7.
+        targets: LoRA target modules (list -> names, str -> regex, ``"all-linear"`` -> PEFT's every linear
+            layer but the output head) for stages 3-7.
         rank: LoRA rank (> 1 by default: at r = 1, alpha and alpha/r coincide and a scaling bug hides).
         alpha: LoRA alpha.
         use_rslora: rsLoRA scaling; the delta stage runs with both settings anyway.
         layers_to_transform: Optional layer indices.
+        use_dora: DoRA: every module also learns a magnitude per output feature (drawn off its norm).
+        rank_pattern: PEFT's per-module ranks ``{regex: rank}`` (Python API only).
+        alpha_pattern: PEFT's per-module alphas ``{regex: alpha}`` (Python API only).
+        loraplus_ratio: LoRA+ in the training stage: B's learning rate is ``ratio`` times A's.
         adapter: A PEFT adapter directory to use instead of random A and B (its config wins).
         steps: AdamW steps of the training stage.
         batch_size: Sequences per batch.
@@ -56,6 +65,10 @@ class SuiteSettings:
     alpha: float = 8.0
     use_rslora: bool = False
     layers_to_transform: tuple[int, ...] | None = None
+    use_dora: bool = False
+    rank_pattern: Any = ()
+    alpha_pattern: Any = ()
+    loraplus_ratio: float | None = None
     adapter: str | os.PathLike | None = None
     steps: int = 10
     batch_size: int = 2
@@ -68,18 +81,20 @@ class SuiteSettings:
         unknown = [c for c in self.checks if c not in CHECKS]
         if unknown or not self.checks:
             raise ValueError(f"Unknown or no checks {unknown or list(self.checks)}; choose from {', '.join(CHECKS)}.")
-        default_settings(self.steps)  # validates steps early, before any model work
+        default_settings(self.steps, self.loraplus_ratio)  # validates steps and the ratio before any model work
 
     def lora_config(self) -> Any:
         """The ``lora_jax.LoraConfig`` of stages 3-7 (validated by ``LoraConfig`` itself)."""
         from lora_jax import LoraConfig
 
         return LoraConfig(rank=self.rank, alpha=self.alpha, target_modules=self.targets,
-                          use_rslora=self.use_rslora, layers_to_transform=self.layers_to_transform)
+                          use_rslora=self.use_rslora, layers_to_transform=self.layers_to_transform,
+                          use_dora=self.use_dora, rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern)
 
     def describe(self) -> dict:
         """The run settings as a flat dict for reports (the LoRA ones come from :func:`describe_lora`)."""
-        skipped = {"workdir", "targets", "rank", "alpha", "use_rslora", "layers_to_transform"}
+        skipped = {"workdir", "targets", "rank", "alpha", "use_rslora", "layers_to_transform", "use_dora",
+                   "rank_pattern", "alpha_pattern"}
         out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name not in skipped}
         out["checks"] = ",".join(self.checks)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items() if v is not None}
@@ -90,6 +105,8 @@ def describe_lora(config: Any) -> dict:
     targets = config.target_modules
     out = {"targets": targets if isinstance(targets, str) else ",".join(targets), "rank": config.rank,
            "alpha": config.alpha, "use_rslora": config.use_rslora, "scaling": round(config.scaling, 6)}
+    if config.use_dora:
+        out["use_dora"] = True
     if config.layers_to_transform is not None:
         out["layers_to_transform"] = ",".join(str(i) for i in config.layers_to_transform)
     if config.layers_pattern is not None:
@@ -156,13 +173,16 @@ class _Stages:
 
     def _injection(self) -> StageResult:
         s = self.settings
-        specs = injection_specs(self.pair.hf_config["n_layer"], rank=s.rank, alpha=s.alpha, use_rslora=s.use_rslora)
         main = self.config
+        specs = injection_specs(self.pair.hf_config["n_layer"], rank=s.rank, alpha=s.alpha, use_rslora=s.use_rslora,
+                                use_dora=main.use_dora)
         if main not in specs:  # --targets/--adapter settings beyond the five standard specs
             specs.append(main)
         rows = []
         for config in specs:
-            rows += _guarded("injection", lambda c=config: check_injection(self.pair, c, seed=s.seed)).rows
+            # The main config, the one stages 3-7 use, is also injected by PEFT itself.
+            rows += _guarded("injection", lambda c=config: check_injection(
+                self.pair, c, seed=s.seed, against_peft=c == main)).rows
         return StageResult(rows)
 
     def _forward_delta(self) -> StageResult:
@@ -185,7 +205,7 @@ class _Stages:
         # Two batches, cycled: the loss then visibly falls (memorisation), which random tokens alone do not show.
         distinct = make_batches(self.pair, count=2, batch_size=s.batch_size, seq_len=s.seq_len, seed=s.seed + 1)
         batches = [distinct[i % 2] for i in range(s.steps)]
-        return check_training(self.adapted(), batches, default_settings(s.steps))
+        return check_training(self.adapted(), batches, default_settings(s.steps, s.loraplus_ratio))
 
     def _merge(self) -> StageResult:
         return check_merge(self.adapted(), self.input_ids)

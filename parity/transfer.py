@@ -4,8 +4,10 @@ Both halves name an adapted module by the same dotted string (docs/architecture.
 the Flax path ``("transformer", "h", "0", "attn", "c_attn")`` joined by dots is the torch
 module name ``transformer.h.0.attn.c_attn``. Both store ``A`` as (in, r) and ``B`` as
 (r, out), so tensors cross without a transpose. The neutral form in between is
-``{dotted name: (A, B)}`` of float32 numpy arrays; on the JAX side the arrays travel with their
-``LoraConfig`` as one ``lora_jax.Adapter``.
+``{dotted name: (A, B)}`` of float32 numpy arrays, plus ``{dotted name: m}`` for DoRA's magnitude
+(out,), which needs no transpose either; on the JAX side the arrays travel with their ``LoraConfig``
+as one ``lora_jax.Adapter``. Compared tensor by tensor, they are flattened to
+``{"<name>.lora_A": A, "<name>.lora_B": B, "<name>.lora_magnitude_vector": m}`` (:func:`flat_leaves`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import numpy as np
 
 NamedLora = dict[str, tuple[np.ndarray, np.ndarray]]
+# The flat key of DoRA's magnitude: PEFT's name for it (``lora_format.peft_keys.LORA_MAGNITUDE``).
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def adapter_to_named(adapter: Any) -> NamedLora:
@@ -30,11 +34,18 @@ def adapter_to_named(adapter: Any) -> NamedLora:
             for path, (a, b) in checked_modules(adapter).items()}
 
 
-def named_to_adapter(named: Mapping[str, tuple[Any, Any]], config: Any, device: Any = None) -> Any:
-    """``{dotted name: (A, B)}`` as a ``lora_jax.Adapter`` carrying ``config``, on ``device``.
+def adapter_magnitudes(adapter: Any) -> dict[str, np.ndarray]:
+    """DoRA's magnitudes ``{dotted name: m}`` (out,) of a ``lora_jax.Adapter`` (or its gradients); empty for LoRA."""
+    return {".".join(path): np.asarray(m, dtype=np.float32) for path, m in adapter.magnitudes().items()}
+
+
+def named_to_adapter(named: Mapping[str, tuple[Any, Any]], config: Any, device: Any = None,
+                     magnitudes: Mapping[str, Any] | None = None) -> Any:
+    """``{dotted name: (A, B)}`` (and DoRA's ``{dotted name: m}``) as a ``lora_jax.Adapter`` carrying ``config``.
 
     Raises:
-        ValueError: A module's shapes disagree with ``config.rank``.
+        ValueError: A module's shapes disagree with ``config.rank``, or magnitudes are missing for a
+            ``use_dora`` config (or given without it).
     """
     import jax
     import jax.numpy as jnp
@@ -42,8 +53,13 @@ def named_to_adapter(named: Mapping[str, tuple[Any, Any]], config: Any, device: 
     from lora_jax.adapter import checked_modules
     from lora_jax.lora_tree import nest
 
-    tree = nest({tuple(name.split(".")): {"lora_A": jnp.asarray(a, jnp.float32), "lora_B": jnp.asarray(b, jnp.float32)}
-                 for name, (a, b) in named.items()})
+    magnitudes = magnitudes or {}
+    entries = {}
+    for name, (a, b) in named.items():
+        entries[tuple(name.split("."))] = {"lora_A": jnp.asarray(a, jnp.float32), "lora_B": jnp.asarray(b, jnp.float32)}
+        if name in magnitudes:
+            entries[tuple(name.split("."))][MAGNITUDE] = jnp.asarray(magnitudes[name], jnp.float32)
+    tree = nest(entries)
     adapter = Adapter(tree, config)
     checked_modules(adapter)  # the weights and the config must belong together
     return adapter if device is None else jax.device_put(adapter, device)
@@ -68,41 +84,60 @@ def torch_lora_to_named(model: Any) -> NamedLora:
     return {name: (_numpy(w.lora.lora_A), _numpy(w.lora.lora_B)) for name, w in lora_wrappers(model).items()}
 
 
-def torch_lora_grads(model: Any) -> dict[str, np.ndarray]:
-    """``{"<module>.lora_A": grad, "<module>.lora_B": grad}`` after a backward pass (zeros when unset)."""
+def _torch_parameters(model: Any) -> dict[str, Any]:
+    """``{"<module>.lora_A": A, "<module>.lora_B": B, "<module>.lora_magnitude_vector": m}`` (live torch parameters)."""
     from lora_torch import lora_wrappers
 
-    grads = {}
+    params = {}
     for name, wrapper in lora_wrappers(model).items():
-        for leaf in ("lora_A", "lora_B"):
-            param = getattr(wrapper.lora, leaf)
-            grads[f"{name}.{leaf}"] = np.zeros(tuple(param.shape), np.float32) if param.grad is None \
-                else _numpy(param.grad)
-    return grads
+        params[f"{name}.lora_A"], params[f"{name}.lora_B"] = wrapper.lora.lora_A, wrapper.lora.lora_B
+        if getattr(wrapper.lora, "use_dora", False):
+            params[f"{name}.{MAGNITUDE}"] = wrapper.lora.magnitude
+    return params
 
 
-def flat_leaves(named: Mapping[str, tuple[Any, Any]]) -> dict[str, np.ndarray]:
-    """``{dotted name: (A, B)}`` as ``{"<name>.lora_A": A, "<name>.lora_B": B}``.
+def torch_lora_leaves(model: Any) -> dict[str, np.ndarray]:
+    """Every ``lora_torch`` wrapper's A, B (and DoRA's m) as flat float32 numpy leaves (see :func:`flat_leaves`)."""
+    return {key: _numpy(param) for key, param in _torch_parameters(model).items()}
 
-    >>> sorted(flat_leaves({"h.0.c_attn": (np.zeros((4, 2)), np.ones((2, 4)))}))
-    ['h.0.c_attn.lora_A', 'h.0.c_attn.lora_B']
+
+def torch_lora_grads(model: Any) -> dict[str, np.ndarray]:
+    """The gradients of :func:`torch_lora_leaves`' leaves after a backward pass (zeros when unset)."""
+    return {key: np.zeros(tuple(param.shape), np.float32) if param.grad is None else _numpy(param.grad)
+            for key, param in _torch_parameters(model).items()}
+
+
+def flat_leaves(named: Mapping[str, tuple[Any, Any]], magnitudes: Mapping[str, Any] | None = None
+                ) -> dict[str, np.ndarray]:
+    """``{dotted name: (A, B)}`` (and ``{dotted name: m}``) as ``{"<name>.lora_A": A, "<name>.lora_B": B, ...}``.
+
+    >>> sorted(flat_leaves({"h.0.c_attn": (np.zeros((4, 2)), np.ones((2, 4)))}, {"h.0.c_attn": np.ones(4)}))
+    ['h.0.c_attn.lora_A', 'h.0.c_attn.lora_B', 'h.0.c_attn.lora_magnitude_vector']
     """
     flat = {}
     for name, (a, b) in named.items():
         flat[f"{name}.lora_A"], flat[f"{name}.lora_B"] = np.asarray(a), np.asarray(b)
+    for name, m in (magnitudes or {}).items():
+        flat[f"{name}.{MAGNITUDE}"] = np.asarray(m)
     return flat
+
+
+def adapter_leaves(adapter: Any) -> dict[str, np.ndarray]:
+    """A ``lora_jax.Adapter``'s (or its gradients') A, B and DoRA m as flat float32 leaves (:func:`flat_leaves`)."""
+    return flat_leaves(adapter_to_named(adapter), adapter_magnitudes(adapter))
 
 
 def _numpy(tensor: Any) -> np.ndarray:
     return tensor.detach().float().cpu().numpy()
 
 
-def copy_into_torch(model: Any, named: Mapping[str, tuple[Any, Any]]) -> None:
-    """Copies ``{dotted name: (A, B)}`` into the model's LoRA wrappers, all or nothing.
+def copy_into_torch(model: Any, named: Mapping[str, tuple[Any, Any]],
+                    magnitudes: Mapping[str, Any] | None = None) -> None:
+    """Copies ``{dotted name: (A, B)}`` (and DoRA's ``{name: m}``) into the model's LoRA wrappers, all or nothing.
 
     Raises:
-        ValueError: The module names or shapes differ; nothing is copied then. The message
-            names every module only on one side, so a skipped layer is obvious.
+        ValueError: The module names or shapes differ, or DoRA is on in one half only; nothing is
+            copied then. The message names every module only on one side, so a skipped layer is obvious.
     """
     import torch
     from lora_torch import lora_wrappers
@@ -118,8 +153,20 @@ def copy_into_torch(model: Any, named: Mapping[str, tuple[Any, Any]]) -> None:
         if (tuple(np.shape(a)), tuple(np.shape(b))) != want:
             raise ValueError(f"{name}: A, B shapes {np.shape(a)}, {np.shape(b)} do not fit torch's {want} "
                              "(A is (in, r), B is (r, out) in both halves).")
+    magnitudes = magnitudes or {}
+    dora = sorted(name for name, wrapper in wrappers.items() if getattr(wrapper.lora, "use_dora", False))
+    if dora != sorted(magnitudes):
+        raise ValueError(f"DoRA differs between the halves: torch has DoRA wrappers on {dora[:3]} ({len(dora)} "
+                         f"modules), the copied tensors hold magnitudes for {sorted(magnitudes)[:3]} "
+                         f"({len(magnitudes)}). Both halves must be injected with the same use_dora.")
+    for name, m in magnitudes.items():
+        if tuple(np.shape(m)) != tuple(wrappers[name].lora.magnitude.shape):
+            raise ValueError(f"{name}: DoRA magnitude shape {np.shape(m)} does not fit torch's "
+                             f"{tuple(wrappers[name].lora.magnitude.shape)} (one entry per output feature).")
     with torch.no_grad():
         for name, (a, b) in named.items():
             lora = wrappers[name].lora
             lora.lora_A.copy_(torch.from_numpy(np.array(a, dtype=np.float32)))  # a writable copy
             lora.lora_B.copy_(torch.from_numpy(np.array(b, dtype=np.float32)))
+        for name, m in magnitudes.items():
+            wrappers[name].lora.magnitude.copy_(torch.from_numpy(np.array(m, dtype=np.float32)))

@@ -173,8 +173,10 @@ def check_lora_flags(lora_config: Any, gpt2_config: dict, skeleton: Any) -> None
         gpt2_config: The checkpoint's ``config.json``.
         skeleton: :func:`gpt2_skeleton` of the checkpoint.
     """
+    from lora_format.all_linear import is_all_linear
+
     targets = lora_config.target_modules
-    shown = f"re:{targets}" if isinstance(targets, str) else ",".join(targets)
+    shown = targets if is_all_linear(targets) else f"re:{targets}" if isinstance(targets, str) else ",".join(targets)
     n_layer, layers = gpt2_config["n_layer"], lora_config.layers_to_transform
     if layers is not None:
         missing = sorted(i for i in ([layers] if isinstance(layers, int) else layers) if i >= n_layer)
@@ -202,8 +204,10 @@ def check_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict, skeleton: A
     """Checks a PEFT adapter directory: its config is one both halves read, and it describes its tensors.
 
     The tensors must be exactly the LoRA factors of the modules the config selects in this GPT-2, each at
-    the rank the config gives that module (``r``, or ``rank_pattern``'s first match). Reads ``adapter_config.json`` through ``lora_torch.peft_config.parse_adapter_config``
-    (which refuses what neither half implements, such as DoRA) and only the header of the tensor file.
+    the rank the config gives that module (``r``, or ``rank_pattern``'s first match), plus a DoRA magnitude
+    per module exactly when the config says ``use_dora``. Reads ``adapter_config.json`` through
+    ``lora_torch.peft_config.parse_adapter_config`` (which refuses what neither half implements, see
+    ``lora_format.peft_fields``) and only the header of the tensor file.
     """
     from lora_torch.peft_config import parse_adapter_config
 
@@ -214,10 +218,19 @@ def check_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict, skeleton: A
         config_file = path / "adapter_config.json"
         spec = parse_adapter_config(read_json_object(config_file), str(config_file))
         factors = adapter_factor_shapes(path, gpt2_config)
-    half = [module for module, leaves in factors.items() if set(leaves) != {"A", "B"}]
+    half = [module for module, leaves in factors.items() if not {"A", "B"} <= set(leaves)]
     if half:
         raise BadInput(f"{prefix}{path / 'adapter_model.safetensors'} holds only one of lora_A/lora_B for "
                        f"{_names(half)}; the file is incomplete, save the adapter again.")
+    dora = sorted(module for module, leaves in factors.items() if "m" in leaves)
+    if spec.use_dora and len(dora) != len(factors):
+        raise BadInput(f"{prefix}{config_file} says use_dora=true but adapter_model.safetensors has no "
+                       f"lora_magnitude_vector for {_names(set(factors) - set(dora))}; the file is incomplete, "
+                       "save the adapter again.")
+    if dora and not spec.use_dora:
+        raise BadInput(f"{prefix}adapter_model.safetensors holds DoRA magnitudes (lora_magnitude_vector) for "
+                       f"{_names(dora)} but {config_file} says use_dora=false; save the adapter again with the "
+                       "config that made its tensors.")
     selected = set(_selected(skeleton, spec.target_modules, spec.layers_to_transform, spec.layers_pattern))
     if selected != set(factors):
         gaps = [f"{what}: {_names(names)}" for what, names in (

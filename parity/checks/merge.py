@@ -1,4 +1,8 @@
-"""Stage 6: merging folds the same update into the same weights, changes no logits, and unmerges."""
+"""Stage 6: merging folds the same update into the same weights (as PEFT's), changes no logits, and unmerges.
+
+DoRA merges ``(m / ||W0 + s A B||_c) * (W0 + s A B)``; JAX's unmerge then needs the norms taken
+before the merge (``lora_jax.dora_weight_norms``), torch keeps ``W0`` itself.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from parity.adapted import AdaptedPair, nonzero_b_row
+from parity.adapted import AdaptedPair, guard_rows
 from parity.linear_layout import conv1d_to_linear
+from parity.peft_reference import peft_available, peft_merged_kernels, reference_rows
 from parity.results import CheckResult, StageResult, Tolerance, array_errors, compare_arrays, compare_named_arrays
 from parity.tolerances import tolerance_for
-from parity.transfer import adapter_to_named, copy_into_torch, jax_kernel
+from parity.transfer import adapter_magnitudes, adapter_to_named, copy_into_torch, jax_kernel
+
+
+def merged_weights_kind(config: Any) -> str:
+    """The tolerance kind of merged kernels: DoRA's column rescaling rounds its norm once more than a plain merge."""
+    return "dora_merged_weights" if config.use_dora else "merged_weights"
 
 
 def _jax_kernels(params: Any, names: list[str]) -> dict[str, np.ndarray]:
@@ -67,7 +77,7 @@ def _merged_pair_rows(adapted: AdaptedPair, torch_model: Any, layout: str, input
     rows = [
         compare_named_arrays("merge", f"merged weights torch ({layout}) vs JAX (worst module)",
                              _torch_kernels(merged_model, names), _jax_kernels(merged_params, names),
-                             tolerance_for("merged_weights", dtype)),
+                             tolerance_for(merged_weights_kind(adapted.config), dtype)),
         compare_arrays("merge", f"torch ({layout}) merged vs unmerged logits", merged_logits, lora_logits,
                        tolerance_for("merge_logits", dtype)),
         compare_arrays("merge", f"merged logits torch ({layout}) vs JAX", merged_logits, jax_merged_logits,
@@ -79,28 +89,32 @@ def _merged_pair_rows(adapted: AdaptedPair, torch_model: Any, layout: str, input
 def check_merge(adapted: AdaptedPair, input_ids: np.ndarray) -> StageResult:
     """Merge in both halves (and in torch's nn.Linear layout), then unmerge.
 
-    Rows: B non-zero; merged weights torch vs JAX; each side's merged logits vs its
-    unmerged LoRA logits; merged torch vs merged JAX logits; the same three for the
-    Linear layout; unmerge restoring the base weights in each half.
+    Rows: B non-zero (DoRA: m != ||W0 + sAB||); merged weights torch vs JAX; each side's merged vs unmerged
+    logits; merged torch vs merged JAX logits; the same three for the Linear layout; unmerge restoring the
+    base weights in each half; and, with ``peft`` installed, PEFT's ``merge_and_unload`` kernels vs JAX's.
     """
     pair, adapter, dtype = adapted.pair, adapted.adapter, adapted.pair.dtype
     names = sorted(adapter_to_named(adapter))
     merged_params = pair.impl.jax_merge(pair.jax_params, adapter)
     jax_merged = pair.jax_logits(input_ids, params=merged_params)
     jax_lora = pair.jax_logits(input_ids, adapter=adapter)
-    rows = [nonzero_b_row("merge", adapter),
+    rows = [*guard_rows("merge", adapted),
             compare_arrays("merge", "JAX merged vs unmerged logits", jax_merged, jax_lora,
                            tolerance_for("merge_logits", dtype))]
     conv_rows, merged_model, torch_merged = _merged_pair_rows(adapted, adapted.torch_model, "Conv1D", input_ids,
                                                               merged_params, jax_merged)
     rows += conv_rows
     linear_model = pair.impl.torch_inject(conv1d_to_linear(pair.torch_copy()), adapter.config)
-    copy_into_torch(linear_model, adapter_to_named(adapter))
+    copy_into_torch(linear_model, adapter_to_named(adapter), adapter_magnitudes(adapter))
     rows += _merged_pair_rows(adapted, linear_model, "Linear", input_ids, merged_params, jax_merged)[0]
     restored = pair.impl.torch_unmerge(merged_model)  # in place: merged_model is unmerged too
     base_kernels = _torch_kernels(pair.torch_model, names)
     restored_kernels = {n: restored.get_submodule(n).base_layer.weight.detach().float().cpu().numpy() for n in names}
-    unmerged_params = pair.impl.jax_unmerge(merged_params, adapter)
+    if adapter.config.use_dora:  # a merged DoRA kernel's columns have norm |m|: the norms must be kept from before
+        norms = pair.impl.jax_dora_weight_norms(pair.jax_params, adapter)
+        unmerged_params = pair.impl.jax_unmerge(merged_params, adapter, weight_norms=norms)
+    else:
+        unmerged_params = pair.impl.jax_unmerge(merged_params, adapter)
     merged_kernels = _jax_kernels(merged_params, names)
     rows += [
         compare_unmerge("torch unmerge restores base weights", restored_kernels, base_kernels, merged_kernels,
@@ -108,4 +122,9 @@ def check_merge(adapted: AdaptedPair, input_ids: np.ndarray) -> StageResult:
         compare_unmerge("JAX unmerge restores base kernels", _jax_kernels(unmerged_params, names),
                         _jax_kernels(pair.jax_params, names), merged_kernels, tolerance_for("unmerge", dtype)),
     ]
+    if peft_available():
+        name, tolerance = "merged weights peft merge_and_unload vs JAX (worst module)", tolerance_for(
+            merged_weights_kind(adapter.config), dtype)
+        rows += reference_rows("merge", [(name, tolerance)], lambda: [compare_named_arrays(
+            "merge", name, peft_merged_kernels(copy.deepcopy(adapted.peft_model), names), merged_kernels, tolerance)])
     return StageResult(rows, {"torch_merged_logits": torch_merged, "jax_merged_logits": jax_merged})

@@ -21,7 +21,8 @@ def test_cli_run_on_alt_shape_writes_table_json_markdown_and_dump(alt_gpt2_dir, 
                  "--markdown", str(page), "--section", "alt", "--dump", str(out / "dump")])
     table = capsys.readouterr().out
     assert code == 0
-    assert "PASS: all 16 rows within tolerance" in table and "device: cpu" in table and "dtype: fp32" in table
+    # 1 base + 5 delta (B guard, 2 x 2 rows) + 10 merge, and PEFT's: 2 x 2 delta rows, 1 merge row.
+    assert "PASS: all 21 rows within tolerance" in table and "device: cpu" in table and "dtype: fp32" in table
     report = json.loads((out / "r.json").read_text())
     assert report["passed"] is True and report["settings"]["rank"] == 8 and report["settings"]["use_rslora"]
     assert report["environment"]["versions"]["torch"] == torch.__version__
@@ -61,10 +62,18 @@ def test_cli_exits_1_when_a_check_fails_on_an_untrained_adapter(tiny_gpt2_dir, t
     (["--steps", "0"], "steps must be an int >= 1"),
     (["--checks", "base_forward,merged"], "Unknown or no checks ['merged']"),
     (["--adapter", "/x", "--rank", "8"], "drop --rank"),
-    (["--adapter", "/x", "--layers", "0", "--rslora"], "rsLoRA and layers from its adapter_config.json; "
+    (["--adapter", "/x", "--layers", "0", "--rslora"], "rsLoRA, layers and DoRA from its adapter_config.json; "
                                                         "drop --rslora, --layers."),
     (["--targets", "re:(unclosed"], "is read as a regex, and it does not compile"),
     (["--section", "cpu"], "--section cpu replaces a section of a Markdown page; add --markdown PAGE.md."),
+    (["--adapter", "/x", "--dora"], "from its adapter_config.json; drop --dora."),
+    (["--loraplus-ratio", "0"], "--loraplus-ratio 0 must be a finite number > 0 (B's learning rate over A's); "
+                                "pass e.g. --loraplus-ratio 16"),
+    (["--loraplus-ratio", "nan"], "--loraplus-ratio nan must be a finite number > 0"),
+    (["--loraplus-ratio", "16", "--checks", "merge"], "--checks merge leaves training out; add training to --checks, "
+                                                      "or drop --loraplus-ratio."),
+    (["--targets", "ALL-linear", "--layers", "0"], "--targets ALL-linear cannot take --layers: PEFT expands all-linear "
+                                                   "to full module names"),
 ])
 def test_cli_bad_input_exits_2_with_a_clear_message(args, message, capsys):
     if args[:2] == ["--device", "gpu"] and torch.cuda.is_available():
@@ -118,3 +127,67 @@ def test_non_finite_training_loss_exits_3(tiny_gpt2_dir, monkeypatch, capsys):
     monkeypatch.setattr(parity.report, "render_table", lambda report: "")
     assert main(["--model", str(tiny_gpt2_dir), "--checks", "training"]) == 3
     assert "diverged: non-finite training loss in torch_losses" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def peft_dora_adapter(tiny_gpt2_dir, tmp_path_factory):
+    """A DoRA adapter made and saved by PEFT alone: all-linear, r=4, alpha 8, B ~ N(0, 0.1), m moved ~10%.
+
+    PEFT sets m = ||W0|| at injection (B = 0 then); drawing B and scaling m keeps m off ||W0 + sAB||, so
+    the magnitude matters in every comparison (parity's guard row checks it).
+    """
+    import peft
+
+    base = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, fan_in_fan_out=True)
+    model = peft.get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+    out = tmp_path_factory.mktemp("peft_dora") / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
+def test_peft_dora_all_linear_adapter_runs_every_stage_and_dumps_peft_logits(tiny_gpt2_dir, peft_dora_adapter,
+                                                                             tmp_path, capsys):
+    from peft import PeftModel
+
+    code = main(["--model", str(tiny_gpt2_dir), "--adapter", str(peft_dora_adapter), "--dump", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert code == 0, table
+    # Every stage ran on the DoRA adapter, each held to PEFT as well as torch vs JAX: 1 base, 21 injection (6 specs
+    # x 3, 3 vs PEFT), 11 forward_delta, 6 gradients, 4 training, 12 merge, 9 interchange.
+    assert "PASS: all 64 rows within tolerance" in table and "use_dora=True" in table
+    assert "dL/dA, dL/dB, dL/dm peft.PeftModel vs JAX" in table and "PEFT-saved -> JAX-loaded A, B, m" in table
+    ids = np.load(tmp_path / "input_ids.npy")
+    reference = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir), peft_dora_adapter).eval()
+    base = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    with torch.no_grad():
+        peft_logits = reference(torch.as_tensor(ids)).logits.numpy()
+        base_logits = base(torch.as_tensor(ids)).logits.numpy()
+    # The dumped logits are PeftModel's within 2e-5 (fp32, CPU; measured ~1e-7, logits of order 1)...
+    for name in ("jax_lora_logits", "torch_lora_logits"):
+        assert np.abs(np.load(tmp_path / f"{name}.npy") - peft_logits).max() < 2e-5, name
+    # ...and the adapter moves them by far more than that.
+    assert np.abs(peft_logits - base_logits).max() > 1e-2
+
+
+def test_cli_variant_flags_run_dora_loraplus_all_linear(tiny_gpt2_dir, tmp_path, capsys):
+    code = main(["--model", str(tiny_gpt2_dir), "--dora", "--loraplus-ratio", "16", "--targets", "all-linear",
+                 "--checks", "injection,training", "--steps", "4", "--json", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    settings = report["settings"]
+    assert (settings["targets"], settings["use_dora"], settings["loraplus_ratio"]) == ("all-linear", True, 16.0)
+    names = [row["name"] for row in report["rows"]]
+    # all-linear is the main spec: PEFT's own expansion gives the same 8 modules (lm_head left out).
+    assert "module names vs peft.get_peft_model [all-linear@dora]" in names
+    assert next(row for row in report["rows"] if row["name"] == "module names [all-linear@dora]")["detail"] == \
+        "8 identical"
+    assert "final A, B, m minus start peft.PeftModel vs JAX (worst tensor)" in names
+    assert "loss trajectory (4 AdamW steps, LoRA+ ratio 16)" in names

@@ -35,8 +35,12 @@ def nothing_loaded(monkeypatch):
     monkeypatch.setattr(parity.suite, "run_suite", refuse)
 
 
-def _adapter(directory: Path, *, targets=("c_attn",), rank=4, n_layer=2, width=32, **config) -> Path:
-    """A PEFT LoRA adapter for the tiny GPT-2, written without either half (c_attn is (32, 96))."""
+def _adapter(directory: Path, *, targets=("c_attn",), rank=4, n_layer=2, width=32, magnitude: int | None = None,
+             **config) -> Path:
+    """A PEFT LoRA adapter for the tiny GPT-2, written without either half (c_attn is (32, 96)).
+
+    ``magnitude``: also write a DoRA ``lora_magnitude_vector`` of this length per module.
+    """
     from safetensors.numpy import save_file
 
     out = {"c_attn": 3 * width, "c_proj": width}
@@ -46,6 +50,8 @@ def _adapter(directory: Path, *, targets=("c_attn",), rank=4, n_layer=2, width=3
             key = f"base_model.model.transformer.h.{i}.attn.{name}"
             tensors[f"{key}.lora_A.weight"] = np.full((rank, width), 0.01, np.float32)
             tensors[f"{key}.lora_B.weight"] = np.full((out[name], rank), 0.02, np.float32)
+            if magnitude is not None:
+                tensors[f"{key}.lora_magnitude_vector"] = np.ones(magnitude, np.float32)
     directory.mkdir(parents=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     fields = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 8.0, "lora_dropout": 0.0,
@@ -96,7 +102,13 @@ def test_flags_that_do_not_fit_the_model_exit_2(case, tiny_gpt2_dir, nothing_loa
 
 
 ADAPTER_CASES = {
-    "dora": (dict(use_dora=True), "use_dora"),
+    "dora_without_magnitudes": (dict(use_dora=True), "says use_dora=true but adapter_model.safetensors has no "
+                                "lora_magnitude_vector for transformer.h.0.attn.c_attn, transformer.h.1.attn.c_attn; "
+                                "the file is incomplete"),
+    "magnitudes_without_dora": (dict(magnitude=96), "holds DoRA magnitudes (lora_magnitude_vector) for "
+                                "transformer.h.0.attn.c_attn, transformer.h.1.attn.c_attn but"),
+    "magnitude_per_input_feature": (dict(use_dora=True, magnitude=32), "has shape (32,), but this GPT-2's "
+                                    "transformer.h.0.attn.c_attn needs (96,)"),
     "config_targets_differ_from_tensors": (
         dict(target_modules=["c_proj"]),
         "do not match adapter_model.safetensors (selected without tensors: transformer.h.0.attn.c_proj, "

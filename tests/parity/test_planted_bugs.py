@@ -4,6 +4,11 @@ A parity suite that passes a broken implementation is worthless, so each stage h
 it must catch: a wrong scale, a missing transpose, an untied head, a zero B, a moved Adam
 eps, a skipped layer, a wrong alpha in a saved adapter. Bugs are planted by replacing one
 function the pipeline calls (``pair.with_impl``) or by monkeypatching a method.
+
+The variants' bugs (DoRA, LoRA+, rank_pattern) are planted where a comparison of the halves cannot
+see them: in both halves at once, or in the rule they share (``lora_format``). Each must then fail a
+row against ``peft`` itself, while the torch-vs-JAX rows still pass (asserted, to show why the PEFT
+reference is needed).
 """
 
 from __future__ import annotations
@@ -12,9 +17,17 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import lora_format.patterns
+import lora_jax.dora
 import numpy as np
 import optax
+import torch
 from lora_jax import lora_apply
+from lora_jax.delta import lora_delta
+from lora_jax.loraplus import loraplus_labels
+from lora_torch import DoRALayer, create_loraplus_param_groups
 from transformers import GPT2LMHeadModel
 
 import parity.adapted
@@ -118,7 +131,7 @@ def test_gradients_catch_alpha_instead_of_alpha_over_r_in_jax(tiny_pair):
 
 def test_zero_b_is_caught_where_the_comparison_itself_would_pass(tiny_pair, monkeypatch):
     # The bug: the harness forgets to draw B, so both halves carry B = 0 (a fresh adapter).
-    monkeypatch.setattr(parity.adapted, "random_nonzero_b", lambda adapter, seed: adapter)
+    monkeypatch.setattr(parity.adapted, "random_nonzero_b", lambda adapter, seed, params=None: adapter)
     for stage in ("forward_delta", "gradients", "merge"):
         result = run_check(tiny_pair, stage)
         guard = _row(result, "LoRA B non-zero")
@@ -186,6 +199,115 @@ def test_interchange_catches_wrong_alpha_in_saved_adapter(tiny_pair):
     assert not _row(result, "JAX-saved adapter: torch logits").passed  # ...the scale is not
     assert not _row(result, "peft.PeftModel").passed
     assert _row(result, "torch-saved adapter: JAX logits").passed  # the other direction is intact
+
+
+def _fresh_lora_apply(apply_fn):
+    # The real lora_apply under a new name: the pair compiles per jax_lora_apply, so a function traced
+    # with a planted lora_jax.dora.weight_norm is a new entry, not the correct one compiled before.
+    return lora_apply(apply_fn)
+
+
+def _plant_dora_norm(monkeypatch, *, axis: int, detached: bool) -> None:
+    """Plants one DoRA norm bug in BOTH halves: the norm over ``axis`` of the (in, out) kernel, maybe not detached."""
+
+    def jax_norm(kernel, a, b, scaling):
+        norm = jnp.linalg.norm(jnp.asarray(kernel, jnp.float32) + lora_delta(a, b, scaling), axis=axis)
+        return jax.lax.stop_gradient(norm) if detached else norm
+
+    def torch_norm(self, base_kernel):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
+            return torch.linalg.norm(base_kernel + self.delta_kernel(), dim=axis)
+
+    monkeypatch.setattr(lora_jax.dora, "weight_norm", jax_norm)
+    monkeypatch.setattr(DoRALayer, "weight_norm", torch_norm)
+
+
+def test_dora_norm_not_detached_in_both_halves_is_caught_by_peft_gradients(tiny_pair, monkeypatch):
+    _plant_dora_norm(monkeypatch, axis=0, detached=False)
+    settings = SuiteSettings(use_dora=True)
+    result = run_check(tiny_pair.with_impl(jax_lora_apply=_fresh_lora_apply), "gradients", settings)
+    # Both halves differentiate through the norm alike: the halves agree (measured rel 7.5e-7)...
+    assert _row(result, "dL/dA, dL/dB, dL/dm torch vs JAX").passed
+    assert _row(result, "loss peft.PeftModel vs JAX").passed  # ...the forward is unchanged...
+    reference = _row(result, "dL/dA, dL/dB, dL/dm peft.PeftModel vs JAX")
+    # ...but PEFT detaches the norm (DoRA section 4.3): measured rel 1.15 (worst tensor), bound 1e-4.
+    assert not reference.passed and reference.max_rel > 0.1
+
+
+def test_dora_norm_over_input_features_in_both_halves_is_caught_by_peft_logits(tiny_pair, monkeypatch):
+    _plant_dora_norm(monkeypatch, axis=1, detached=True)
+    # attn.c_proj is square (32, 32): a norm per input feature has the right shape and runs silently.
+    settings = SuiteSettings(use_dora=True, targets=("attn.c_proj",))
+    result = run_check(tiny_pair.with_impl(jax_lora_apply=_fresh_lora_apply), "forward_delta", settings)
+    assert _row(result, "DoRA m != ||W0 + sAB||").passed  # parity's own norm (per output) sees m perturbed
+    assert _row(result, "LoRA logits torch vs JAX [rsLoRA off").passed
+    assert _row(result, "delta (lora - base) torch vs JAX [rsLoRA off").passed
+    logits = _row(result, "LoRA logits peft.PeftModel vs JAX [rsLoRA off")
+    delta = _row(result, "delta (lora - base) peft.PeftModel vs JAX [rsLoRA off")
+    # Measured: logits rel 4.8e-2 (bound 1e-5), delta rel 0.30 (bound 1e-4); the halves agree to 1.7e-6.
+    assert not logits.passed and logits.max_rel > 1e-2
+    assert not delta.passed and delta.max_rel > 0.1
+
+
+def _loraplus_on_a_optax(settings):
+    # The bug, as lora_jax.loraplus would have it with its two rates swapped: the fast rate goes to A.
+    def adamw(peak):
+        return optax.adamw(lr_schedule(settings, peak), b1=settings.b1, b2=settings.b2, eps=settings.eps,
+                           eps_root=0.0, weight_decay=settings.weight_decay)
+
+    fast, slow = settings.lr * settings.loraplus_ratio, settings.lr
+    return optax.chain(optax.clip_by_global_norm(settings.max_grad_norm),
+                       optax.partition({"A": adamw(fast), "B": adamw(slow)}, loraplus_labels))
+
+
+def _loraplus_on_a_torch(model, settings):
+    # The same swap in torch's groups (lora_torch.create_loraplus_param_groups, A and B rates exchanged).
+    groups = create_loraplus_param_groups(model, settings.lr, settings.loraplus_ratio, settings.weight_decay)
+    for group in groups:
+        on_a = all(name.endswith("lora_A") for name in group["names"])
+        group["lr"] = settings.lr * settings.loraplus_ratio if on_a else settings.lr
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.b1, settings.b2), eps=settings.eps,
+                             weight_decay=settings.weight_decay, foreach=False)
+
+
+def test_loraplus_ratio_on_a_in_both_halves_is_caught_by_peft_training(tiny_pair):
+    broken = tiny_pair.with_impl(jax_optimizer=_loraplus_on_a_optax, torch_optimizer=_loraplus_on_a_torch)
+    result = run_check(broken, "training", SuiteSettings(loraplus_ratio=16.0))
+    assert _row(result, "loss trajectory (10 AdamW steps, LoRA+ ratio 16)").passed
+    assert _row(result, "final A, B minus start (worst tensor)").passed  # the halves agree (rel 1.6e-5)...
+    update = _row(result, "final A, B minus start peft.PeftModel vs JAX")
+    # ...PEFT steps B 16x faster than A, not A: measured rel 15.7 (bound 2e-2), and the loss rel 9.9e-3 (bound 1e-5).
+    assert not update.passed and update.max_rel > 5.0
+    assert not _row(result, "loss trajectory peft.PeftModel vs JAX").passed
+
+
+def _substring_pattern_key(keys, name):
+    # The bug: a rank_pattern key "matches" wherever it occurs in the name (the tutorial's substring
+    # targeting), instead of PEFT's re.match(rf"(.*\.)?({key})$", name).
+    return next((key for key in keys if key in name), None)
+
+
+def test_rank_pattern_key_matched_as_substring_is_caught_by_peft(tiny_pair, monkeypatch):
+    # "h.0.attn" ends at no module name, so PEFT gives it to no module: every module keeps r = 4.
+    settings = SuiteSettings(rank_pattern={"h.0.attn": 2})
+    label = "[c_attn,c_proj@rank_pattern=h.0.attn:2]"
+    correct = run_check(tiny_pair, "injection", settings)
+    assert _row(correct, f"rank, scaling, DoRA per module vs PEFT {label}").passed
+    monkeypatch.setattr(lora_format.patterns, "pattern_key", _substring_pattern_key)  # the rule both halves share
+    result = run_check(tiny_pair, "injection", settings)
+    # Both halves now give h.0.attn.c_attn and h.0.attn.c_proj rank 2: they agree with each other...
+    for name in ("module names", "trainable params", "modules with shape mismatch"):
+        assert _row(result, f"{name} {label}").passed
+    ranks = _row(result, f"rank, scaling, DoRA per module vs PEFT {label}")
+    assert not ranks.passed and ranks.max_abs == 2  # ...not with PEFT
+    assert ranks.detail.startswith("transformer.h.0.attn.c_attn: JAX (2, 4.0, False), PEFT (4, 2.0, False)")
+    # h.0.attn.c_attn (32 + 96) * 2 fewer, h.0.attn.c_proj (32 + 32) * 2 fewer.
+    assert _row(result, f"trainable params vs PEFT {label}").max_abs == 384
+    delta = run_check(tiny_pair, "forward_delta", settings)
+    assert _row(delta, "LoRA logits torch vs JAX [rsLoRA off").passed
+    reference = _row(delta, "LoRA logits peft.PeftModel vs JAX [rsLoRA off")
+    assert not reference.passed
+    assert "PEFT builds lora_A with shape (4, 32), the adapter's is (2, 32)" in reference.detail
 
 
 def test_every_stage_has_a_planted_bug():

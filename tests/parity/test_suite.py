@@ -13,8 +13,10 @@ def test_full_suite_passes_on_tiny_fixture(tiny_report):
     failures = [(row.stage, row.name, row.detail) for row in tiny_report.failures]
     assert failures == []
     assert {row.stage for row in tiny_report.rows} == set(CHECKS)
-    # 5 target specs x 3 rows in the injection stage.
-    assert sum(row.stage == "injection" for row in tiny_report.rows) == 15
+    # 5 target specs x 3 rows in the injection stage, and the main spec (c_attn,c_proj) against PEFT: 3 more.
+    assert sum(row.stage == "injection" for row in tiny_report.rows) == 18
+    # Every stage after injection holds JAX to peft.PeftModel too.
+    assert {row.stage for row in tiny_report.rows if "peft" in row.name or "PEFT" in row.name} == set(CHECKS[1:])
 
 
 def test_report_carries_dump_arrays_with_promised_shapes(tiny_report):
@@ -42,7 +44,9 @@ def test_alt_shape_gradients_with_rslora_and_layers(alt_pair):
                              layers_to_transform=(0, 2), checks=("gradients",))
     report = run_suite(alt_pair, settings)
     assert [(row.name, row.detail) for row in report.failures] == []
-    assert [row.name for row in report.rows][1:] == ["loss torch vs JAX", "dL/dA, dL/dB torch vs JAX (worst tensor)"]
+    assert [row.name for row in report.rows][1:] == ["loss torch vs JAX", "dL/dA, dL/dB torch vs JAX (worst tensor)",
+                                                     "loss peft.PeftModel vs JAX",
+                                                     "dL/dA, dL/dB peft.PeftModel vs JAX (worst tensor)"]
 
 
 def test_run_check_rejects_unknown_check(tiny_pair):
