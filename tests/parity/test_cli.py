@@ -170,7 +170,7 @@ def test_peft_dora_all_linear_adapter_runs_every_stage_and_dumps_peft_logits(tin
     with torch.no_grad():
         peft_logits = reference(torch.as_tensor(ids)).logits.numpy()
         base_logits = base(torch.as_tensor(ids)).logits.numpy()
-    # The dumped logits are PeftModel's within 2e-5 (fp32, CPU; measured ~1e-7, logits of order 1)...
+    # The dumped logits are PeftModel's within 2e-5 (fp32, CPU; measured 8.9e-8 JAX, 6.0e-8 torch, |logits| <= 0.42)...
     for name in ("jax_lora_logits", "torch_lora_logits"):
         assert np.abs(np.load(tmp_path / f"{name}.npy") - peft_logits).max() < 2e-5, name
     # ...and the adapter moves them by far more than that.
