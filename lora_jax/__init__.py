@@ -40,6 +40,7 @@ from lora_jax.forward import lora_apply, lora_branch, lora_interception
 from lora_jax.initialize import a_init_bound, init_lora
 from lora_jax.loraplus import loraplus_optimizer
 from lora_jax.merge import dora_weight_norms, lora_delta, merge, unmerge
+from lora_jax.nf4 import NF4Tensor, quantize_nf4
 from lora_jax.partition import combine, split, trainable_labels, trainable_mask
 from lora_jax.targets import dotted_name, resolve_targets
 from lora_jax.training.losses import Batch, lm_loss, next_token_loss
@@ -82,6 +83,7 @@ __all__ = [
     "AdapterSet",
     "Batch",
     "LoraConfig",
+    "NF4Tensor",
     "a_init_bound",
     "add_weighted_adapter",
     "combine",
@@ -101,6 +103,7 @@ __all__ = [
     "make_train_step",
     "merge",
     "next_token_loss",
+    "quantize_nf4",
     "resolve_targets",
     "split",
     "trainable_labels",
