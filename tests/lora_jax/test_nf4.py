@@ -120,7 +120,7 @@ def test_nested_code_search_is_the_cpp_grid_not_midpoints():
     assert np.array_equal(ours, codes.numpy()) and np.array_equal(absmax, state.absmax.numpy())
     mids = ((nf4.dynamic_map()[:-1] + nf4.dynamic_map()[1:]) / np.float32(2)).astype(np.float32)
     by_midpoints = np.searchsorted(mids, x, side="left")
-    assert (by_midpoints != codes.numpy()).sum() > 100  # 1,008 of 2,286 values near the midpoints, measured
+    assert (by_midpoints != codes.numpy()).sum() > 100  # 920 of 1,771 values near the midpoints, measured
 
 
 def test_tables_equal_bitsandbytes():
