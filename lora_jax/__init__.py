@@ -41,6 +41,7 @@ from lora_jax.initialize import a_init_bound, init_lora
 from lora_jax.loraplus import loraplus_optimizer
 from lora_jax.merge import dora_weight_norms, lora_delta, merge, unmerge
 from lora_jax.nf4 import NF4Tensor, quantize_nf4
+from lora_jax.qlora import dequantize_params, quantize_params
 from lora_jax.partition import combine, split, trainable_labels, trainable_mask
 from lora_jax.targets import dotted_name, resolve_targets
 from lora_jax.training.losses import Batch, lm_loss, next_token_loss
@@ -88,6 +89,7 @@ __all__ = [
     "add_weighted_adapter",
     "combine",
     "count_params",
+    "dequantize_params",
     "dora_weight_norms",
     "dotted_name",
     "init_lora",
@@ -104,6 +106,7 @@ __all__ = [
     "merge",
     "next_token_loss",
     "quantize_nf4",
+    "quantize_params",
     "resolve_targets",
     "split",
     "trainable_labels",

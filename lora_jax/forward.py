@@ -44,6 +44,7 @@ from lora_jax.adapter import Adapter, checked_modules
 from lora_jax.adapter_set import AdapterSet
 from lora_jax.dora import dora_extra
 from lora_jax.mixed_batch import mixed_dense_branch, mixed_dropout, mixed_embedding_branch, stacked_factors
+from lora_jax.qlora import dequantize_params
 from lora_jax.lora_tree import ModulePath
 from lora_jax.targets import dotted_name
 
@@ -273,7 +274,8 @@ def lora_apply(apply_fn: Callable[..., Any], *, strict: bool = True) -> Callable
         added; ``params`` is the frozen tree, ``adapter`` the trainable ``Adapter`` (its config
         travels with it), or an ``AdapterSet`` (its active adapters summed, or with
         ``adapter_names`` a mixed batch, see ``lora_interception``). ``adapter=None`` runs the base
-        model. Extra ``kwargs`` (e.g. ``method=`` or ``rngs=``) go to ``apply_fn``.
+        model. ``params`` may be a QLoRA base (``lora_jax.qlora.quantize_params``): its NF4 kernels
+        are dequantized inside the call. Extra ``kwargs`` (e.g. ``method=`` or ``rngs=``) go to ``apply_fn``.
 
     Raises:
         TypeError: ``apply_fn`` is not callable.
@@ -286,6 +288,7 @@ def lora_apply(apply_fn: Callable[..., Any], *, strict: bool = True) -> Callable
 
     def forward(params: Any, adapter: Adapter | AdapterSet | None, *args: Any, dropout_rng: jax.Array | None = None,
                 adapter_names: Any = None, **kwargs: Any) -> Any:
+        params = dequantize_params(params)  # a QLoRA base: NF4 kernels, dequantized here, inside the caller's jit
         if adapter is None:
             if adapter_names is not None:
                 raise TypeError("adapter_names needs an AdapterSet; adapter is None.")
