@@ -22,7 +22,14 @@ import numpy as np
 
 from parity.pair import ModelPair
 from parity.results import CheckResult, compare_exact
-from parity.transfer import adapter_magnitudes, adapter_to_named, copy_into_torch, jax_kernel, named_to_adapter
+from parity.transfer import (
+    adapter_embeddings,
+    adapter_magnitudes,
+    adapter_to_named,
+    copy_into_torch,
+    jax_kernel,
+    named_to_adapter,
+)
 
 # Target size of the LoRA branch's output (std), relative to unit-scale activations: large enough
 # that the delta dominates rounding noise, small enough to stay in the model's working range.
@@ -80,7 +87,11 @@ def random_nonzero_b(adapter: Any, seed: int, params: Any = None) -> Any:
     for path, (a, b) in adapter.modules().items():
         std = BRANCH_SCALE / (adapter.scaling(path) * np.sqrt(adapter.rank(path)))
         named[".".join(path)] = (a, rng.normal(0.0, std, size=b.shape).astype(np.float32))
-    drawn = named_to_adapter(named, adapter.config, magnitudes=adapter_magnitudes(adapter))
+    embeddings = adapter_embeddings(adapter)
+    for name in embeddings:  # drawn after every B, so the projections' values do not move when wte is added
+        # An embedding's A starts at 0 (PEFT's init): A ~ N(0, 1) makes the row A[id] @ B the size B's std aims at.
+        named[name] = (rng.normal(0.0, 1.0, size=np.shape(named[name][0])).astype(np.float32), named[name][1])
+    drawn = named_to_adapter(named, adapter.config, magnitudes=adapter_magnitudes(adapter), embeddings=embeddings)
     if not adapter.config.use_dora:
         return drawn
     if params is None:
@@ -88,7 +99,7 @@ def random_nonzero_b(adapter: Any, seed: int, params: Any = None) -> Any:
                          "around the column norms of W0 + s A B.")
     magnitudes = {name: (norm * (1.0 + MAGNITUDE_SPREAD * rng.normal(size=norm.shape))).astype(np.float32)
                   for name, norm in dora_norms(params, drawn).items()}
-    return named_to_adapter(named, adapter.config, magnitudes=magnitudes)
+    return named_to_adapter(named, adapter.config, magnitudes=magnitudes, embeddings=embeddings)
 
 
 def adapt(pair: ModelPair, source: Any, *, seed: int = 0) -> AdaptedPair:
@@ -125,16 +136,18 @@ def adapt(pair: ModelPair, source: Any, *, seed: int = 0) -> AdaptedPair:
 def nonzero_b_row(stage: str, adapter: Any) -> CheckResult:
     """Fails when any module's ``B`` is all zeros (the comparison would then prove nothing).
 
-    The row's error is the number of modules whose ``B`` is zero.
+    An embedding's ``A`` starts at zero instead (PEFT's init), so an embedding with ``A == 0`` counts too.
+    The row's error is the number of such modules.
     """
     named = adapter_to_named(adapter)
-    zero = sorted(name for name, (_, b) in named.items() if not np.any(b))
+    embeddings = adapter_embeddings(adapter)
+    zero = sorted(name for name, (a, b) in named.items() if not np.any(b) or (name in embeddings and not np.any(a)))
     row = compare_exact(stage, "LoRA B non-zero (modules with B == 0)", len(zero), 0)
     if zero:
         detail = f"B == 0 in {len(zero)}/{len(named)} modules (e.g. {zero[0]}): the LoRA branch is zero, so " \
                  "this stage would pass whatever the code did; train the adapter or draw a non-zero B"
     else:
-        detail = f"{len(named)} modules, all B != 0"
+        detail = f"{len(named)} modules, all B != 0" + (f" (and A != 0 in {', '.join(embeddings)})" if embeddings else "")
     return dataclasses.replace(row, detail=detail)
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from lora_format.json_files import read_json_object
-from lora_format.peft_keys import LORA_A, LORA_B, LORA_MAGNITUDE, split_key
+from lora_format.peft_keys import EMBEDDING_A, EMBEDDING_B, LORA_A, LORA_B, LORA_MAGNITUDE, split_key
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # The config.json fields parity sizes the batches and the LoRA shapes from; save_pretrained writes them all.
@@ -124,18 +124,29 @@ def _download(hub_id: str) -> Path:
             "checkpoint directory, or run where the Hugging Face hub is reachable.") from error
 
 
-def module_shapes(gpt2_config: dict) -> dict[str, tuple[int, int]]:
-    """``dotted name -> (in, out)`` of the four projections of every GPT-2 layer.
+# The one embedding both halves (and PEFT) adapt on GPT-2: the token table, (vocab, n_embd) as (in, out).
+EMBEDDING_MODULE = "transformer.wte"
 
-    >>> module_shapes({"n_layer": 1, "n_embd": 8})["transformer.h.0.attn.c_attn"]
-    (8, 24)
+
+def module_shapes(gpt2_config: dict) -> dict[str, tuple[int, int]]:
+    """``dotted name -> (in, out)`` of the four projections of every GPT-2 layer, and of ``transformer.wte``.
+
+    The token embedding's (in, out) is (vocab_size, n_embd): its ``A`` is (vocab, r) and ``B`` (r, n_embd),
+    PEFT's ``lora_embedding_A``/``_B`` transposed.
+
+    >>> shapes = module_shapes({"n_layer": 1, "n_embd": 8, "vocab_size": 50})
+    >>> shapes["transformer.h.0.attn.c_attn"], shapes["transformer.wte"]
+    ((8, 24), (50, 8))
     """
     d = gpt2_config["n_embd"]
     inner = gpt2_config.get("n_inner") or 4 * d
     per_layer = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, inner),
                  "mlp.c_proj": (inner, d)}
-    return {f"transformer.h.{i}.{name}": shape for i in range(gpt2_config["n_layer"])
-            for name, shape in per_layer.items()}
+    shapes = {f"transformer.h.{i}.{name}": shape for i in range(gpt2_config["n_layer"])
+              for name, shape in per_layer.items()}
+    if "vocab_size" in gpt2_config:
+        shapes[EMBEDDING_MODULE] = (gpt2_config["vocab_size"], d)
+    return shapes
 
 
 def check_adapter_files(adapter_dir: str | os.PathLike) -> Path:
@@ -162,7 +173,8 @@ def adapter_factor_shapes(adapter_dir: str | os.PathLike, gpt2_config: dict) -> 
     """``module -> {"A": shape, "B": shape}`` (and ``"m"`` for DoRA) of an adapter's tensors, from the header.
 
     Every key must name a projection of this GPT-2 and every shape must be ``lora_A.weight``
-    (r, in) / ``lora_B.weight`` (out, r) / ``lora_magnitude_vector`` (out,) for that projection. Keys are
+    (r, in) / ``lora_B.weight`` (out, r) / ``lora_magnitude_vector`` (out,) for that projection, or
+    ``lora_embedding_A`` (r, vocab) / ``lora_embedding_B`` (n_embd, r) for ``transformer.wte``. Keys are
     read with ``lora_format.peft_keys.split_key``, the rule both halves load with.
 
     Raises:
@@ -200,19 +212,23 @@ def validate_adapter(adapter_dir: str | os.PathLike, gpt2_config: dict) -> dict:
 
 
 _LEAVES = {LORA_A: "A", LORA_B: "B", LORA_MAGNITUDE: "m"}
+_EMBEDDING_LEAVES = {EMBEDDING_A: "A", EMBEDDING_B: "B"}
 
 
 def _check_adapter_tensor(key: str, shape: tuple, expected: dict, path: Path) -> tuple[str, str]:
     module, part = split_key(key) or ("", "")
-    if module not in expected or part not in _LEAVES:
+    leaves = _EMBEDDING_LEAVES if module == EMBEDDING_MODULE else _LEAVES
+    if module not in expected or part not in leaves:
         raise ValueError(f"Adapter {str(path)!r} has tensor {key!r}, which names no LoRA projection of this "
                          f"GPT-2 (e.g. {_PEFT_PREFIX}{next(iter(expected))}.lora_A.weight). It was made for "
                          "another model; pass the checkpoint it was trained on with --model.")
     d_in, d_out = expected[module]
-    want = {LORA_A: f"(r, {d_in})", LORA_B: f"({d_out}, r)", LORA_MAGNITUDE: f"({d_out},)"}[part]
+    want = {LORA_A: f"(r, {d_in})", LORA_B: f"({d_out}, r)", LORA_MAGNITUDE: f"({d_out},)",
+            EMBEDDING_A: f"(r, {d_in})", EMBEDDING_B: f"({d_out}, r)"}[part]
     ok = {LORA_A: len(shape) == 2 and shape[1] == d_in, LORA_B: len(shape) == 2 and shape[0] == d_out,
-          LORA_MAGNITUDE: tuple(shape) == (d_out,)}[part]
+          LORA_MAGNITUDE: tuple(shape) == (d_out,), EMBEDDING_A: len(shape) == 2 and shape[1] == d_in,
+          EMBEDDING_B: len(shape) == 2 and shape[0] == d_out}[part]
     if not ok:
         raise ValueError(f"Adapter tensor {key!r} has shape {shape}, but this GPT-2's {module} needs {want}. "
                          "The adapter was made for another model; pass its base checkpoint with --model.")
-    return module, _LEAVES[part]
+    return module, leaves[part]

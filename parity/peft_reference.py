@@ -99,6 +99,10 @@ def _peft_parameters(model: Any) -> dict[str, tuple[Any, bool]]:
     """``{"<name>.lora_A": (param, transposed), ...}``: PEFT's live parameters under parity's flat keys."""
     params = {}
     for name, layer in peft_layers(model).items():
+        if ADAPTER_NAME in layer.lora_embedding_A:  # an embedding: bare Parameters, A.T (r, vocab), B.T (dim, r)
+            params[f"{name}.lora_A"] = (layer.lora_embedding_A[ADAPTER_NAME], True)
+            params[f"{name}.lora_B"] = (layer.lora_embedding_B[ADAPTER_NAME], True)
+            continue
         params[f"{name}.lora_A"] = (layer.lora_A[ADAPTER_NAME].weight, True)  # (r, in) = A.T
         params[f"{name}.lora_B"] = (layer.lora_B[ADAPTER_NAME].weight, True)  # (out, r) = B.T
         if layer.use_dora[ADAPTER_NAME]:
@@ -169,9 +173,14 @@ def peft_trainable(model: Any) -> list[Any]:
 def peft_merged_kernels(model: Any, names: list[str]) -> dict[str, np.ndarray]:
     """``merge_and_unload()`` on ``model`` (consumed), then each module's (in, out) kernel as float32 numpy.
 
-    GPT-2's ``Conv1D`` keeps its (in, out) weight through PEFT's merge (``fan_in_fan_out``).
+    GPT-2's ``Conv1D`` keeps its (in, out) weight through PEFT's merge (``fan_in_fan_out``); an embedding's
+    table is (num_embeddings, dim), the (in, out) of its update.
     """
-    merged = model.merge_and_unload()
+    return merged_kernels(model.merge_and_unload(), names)
+
+
+def merged_kernels(merged: Any, names: list[str]) -> dict[str, np.ndarray]:
+    """Each module's (in, out) weight of a merged torch GPT-2 (Conv1D or embedding layout), float32 numpy."""
     return {name: _numpy(merged.get_submodule(name).weight) for name in names}
 
 

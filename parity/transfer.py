@@ -12,12 +12,14 @@ as one ``lora_jax.Adapter``. Compared tensor by tensor, they are flattened to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
 
 NamedLora = dict[str, tuple[np.ndarray, np.ndarray]]
+# An embedding's leaves in a lora_jax tree (PEFT's names; ``lora_jax.lora_tree``).
+EMBEDDING_A, EMBEDDING_B = "lora_embedding_A", "lora_embedding_B"
 # The flat key of DoRA's magnitude: PEFT's name for it (``lora_format.peft_keys.LORA_MAGNITUDE``).
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -40,8 +42,11 @@ def adapter_magnitudes(adapter: Any) -> dict[str, np.ndarray]:
 
 
 def named_to_adapter(named: Mapping[str, tuple[Any, Any]], config: Any, device: Any = None,
-                     magnitudes: Mapping[str, Any] | None = None) -> Any:
+                     magnitudes: Mapping[str, Any] | None = None, embeddings: Collection[str] = ()) -> Any:
     """``{dotted name: (A, B)}`` (and DoRA's ``{dotted name: m}``) as a ``lora_jax.Adapter`` carrying ``config``.
+
+    The modules named in ``embeddings`` (e.g. ``adapter_embeddings(adapter)``) hold an embedding's LoRA, stored
+    as ``lora_embedding_A``/``_B`` (the same (in, r), (r, out) layout under PEFT's embedding names).
 
     Raises:
         ValueError: A module's shapes disagree with ``config.rank``, or magnitudes are missing for a
@@ -56,7 +61,8 @@ def named_to_adapter(named: Mapping[str, tuple[Any, Any]], config: Any, device: 
     magnitudes = magnitudes or {}
     entries = {}
     for name, (a, b) in named.items():
-        entries[tuple(name.split("."))] = {"lora_A": jnp.asarray(a, jnp.float32), "lora_B": jnp.asarray(b, jnp.float32)}
+        a_key, b_key = (EMBEDDING_A, EMBEDDING_B) if name in embeddings else ("lora_A", "lora_B")
+        entries[tuple(name.split("."))] = {a_key: jnp.asarray(a, jnp.float32), b_key: jnp.asarray(b, jnp.float32)}
         if name in magnitudes:
             entries[tuple(name.split("."))][MAGNITUDE] = jnp.asarray(magnitudes[name], jnp.float32)
     tree = nest(entries)
@@ -65,16 +71,24 @@ def named_to_adapter(named: Mapping[str, tuple[Any, Any]], config: Any, device: 
     return adapter if device is None else jax.device_put(adapter, device)
 
 
+def adapter_embeddings(adapter: Any) -> tuple[str, ...]:
+    """The dotted names of an adapter's embedding modules (``lora_embedding_A``/``_B``), e.g. ``transformer.wte``."""
+    return tuple(".".join(path) for path in adapter.embeddings())
+
+
 def jax_kernel(params: Mapping[str, Any], name: str) -> Any:
-    """The ``kernel`` leaf (in, out) of the module called ``name`` in a params tree.
+    """The ``kernel`` leaf (in, out) of the module called ``name`` in a params tree; an ``nn.Embed``'s
+    ``embedding`` table (num_embeddings, features), the (in, out) of its LoRA update, for an embedding.
 
     >>> jax_kernel({"h": {"0": {"c_attn": {"kernel": np.zeros((4, 12))}}}}, "h.0.c_attn").shape
     (4, 12)
+    >>> jax_kernel({"wte": {"embedding": np.zeros((50, 4))}}, "wte").shape
+    (50, 4)
     """
     node = params
     for key in name.split("."):
         node = node[key]
-    return node["kernel"]
+    return node["kernel"] if "kernel" in node else node["embedding"]
 
 
 def torch_lora_to_named(model: Any) -> NamedLora:

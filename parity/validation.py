@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from parity.checkpoint import (
+    EMBEDDING_MODULE,
     adapter_factor_shapes,
     check_adapter_files,
     check_model_weights,
@@ -192,7 +193,10 @@ def check_lora_flags(lora_config: Any, gpt2_config: dict, skeleton: Any) -> None
     other = [name for name in names if name not in projections]
     if other:
         raise BadInput(f"--targets {shown} selects {_names(other)}, which parity cannot adapt in both halves; "
-                       "select only the projections c_attn, c_proj and c_fc.")
+                       "select only the projections c_attn, c_proj and c_fc, or the token embedding wte.")
+    if lora_config.use_dora and EMBEDDING_MODULE in names:
+        raise BadInput(f"--dora with --targets {shown}: DoRA on the token embedding {EMBEDDING_MODULE} is implemented "
+                       "by neither half (PEFT's DoraEmbeddingLayer); drop wte from --targets or drop --dora.")
     widest = min(min(projections[name]) for name in names)
     if lora_config.rank > widest:
         name = next(n for n in names if min(projections[n]) == widest)

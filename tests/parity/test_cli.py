@@ -191,3 +191,43 @@ def test_cli_variant_flags_run_dora_loraplus_all_linear(tiny_gpt2_dir, tmp_path,
         "8 identical"
     assert "final A, B, m minus start peft.PeftModel vs JAX (worst tensor)" in names
     assert "loss trajectory (4 AdamW steps, LoRA+ ratio 16)" in names
+
+
+def test_cli_targets_wte_runs_every_stage_with_peft_rows_and_merge_against_peft(tiny_gpt2_dir, tmp_path, capsys):
+    code = main(["--model", str(tiny_gpt2_dir), "--targets", "wte,c_attn", "--steps", "3",
+                 "--json", str(tmp_path / "r.json")])
+    table = capsys.readouterr().out
+    assert code == 0, table
+    rows = {row["name"]: row for row in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    # The tied head: each side's merged logits are held to PEFT's merge_and_unload, not to its own unmerged ones.
+    merged = rows["JAX merged logits vs peft merge_and_unload (tied head)"]
+    assert merged["passed"] and "merging moved the logits by max" in merged["detail"]
+    assert "JAX merged vs unmerged logits" not in rows
+    assert rows["merged weights peft merge_and_unload vs JAX (worst module)"]["passed"]
+    assert rows["LoRA logits peft.PeftModel vs JAX [rsLoRA off, s=2]"]["passed"]
+    assert "A != 0 in transformer.wte" in rows["LoRA B non-zero (modules with B == 0)"]["detail"]
+    assert rows["module names vs peft.get_peft_model [wte,c_attn]"]["detail"] == "3 identical"
+
+
+def test_cli_peft_wte_adapter_runs_merge_and_interchange(tiny_gpt2_dir, tmp_path, capsys):
+    import peft
+
+    model = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["wte", "c_fc"], use_rslora=True, fan_in_fan_out=True))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # PEFT's embedding init leaves A = 0 (linear layers: B = 0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(tmp_path / "adapter")
+    code = main(["--model", str(tiny_gpt2_dir), "--adapter", str(tmp_path / "adapter"),
+                 "--checks", "forward_delta,merge,interchange"])
+    table = capsys.readouterr().out
+    assert code == 0, table
+    assert "torch (Conv1D) merged logits vs peft merge_and_unload (tied head)" in table
+    assert "PEFT-saved -> JAX-loaded A, B" in table
+
+
+def test_cli_dora_on_wte_is_bad_input(capsys):
+    assert main(["--targets", "wte,c_attn", "--dora"]) == 2
+    assert "DoRA on the token embedding transformer.wte is implemented by neither half" in capsys.readouterr().err
