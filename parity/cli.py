@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -54,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="GPT-2 checkpoint directory or hub id (default: the project's embedded base)")
-    parser.add_argument("--adapter", default=None,
+    parser.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
                         help="PEFT LoRA adapter directory to check instead of random A/B (its config sets targets, "
-                             "rank, alpha, rsLoRA, layers, patterns, DoRA)")
+                             "rank, alpha, rsLoRA, layers, patterns, DoRA); repeat as NAME=DIR for several named "
+                             "adapters, which adds the switching, mixed_batch and combination stages")
+    parser.add_argument("--combine-weights", default=None, metavar="W1,W2,...",
+                        help="weights of the combination stage, one per --adapter NAME=DIR (default: equal)")
     parser.add_argument("--targets", default=None,
                         help="comma-separated module names (default c_attn,c_proj), re:REGEX for a regex, or "
                              "all-linear (PEFT's: every linear layer but the output head)")
@@ -114,6 +118,9 @@ def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
     """
     if args.section is not None and args.markdown is None:
         raise BadInput(f"--section {args.section} replaces a section of a Markdown page; add --markdown PAGE.md.")
+    named = parse_adapters(args.adapter or [])
+    adapter = named[0][1] if named else None
+    weights = parse_combine_weights(args.combine_weights, len(named))
     if args.adapter is not None:
         given = [f"--{flag}" for flag in _LORA_FLAGS if getattr(args, flag) is not None]
         if given:
@@ -140,7 +147,8 @@ def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
         lora["use_dora"] = True
     # SuiteSettings and LoraConfig validate steps, checks, rank, alpha, targets and layers as they are built.
     try:
-        settings = SuiteSettings(adapter=args.adapter, steps=args.steps, batch_size=args.batch_size,
+        settings = SuiteSettings(adapter=adapter, adapters=named if len(named) > 1 else (),
+                                 combine_weights=weights, steps=args.steps, batch_size=args.batch_size,
                                  seq_len=args.seq_len, seed=args.seed, checks=checks,
                                  loraplus_ratio=args.loraplus_ratio, **lora)
         if args.adapter is None:
@@ -148,6 +156,72 @@ def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
     except (ValueError, TypeError) as error:
         raise BadInput(str(error)) from error
     return settings
+
+
+def parse_adapters(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``--adapter`` values as ``((name, dir), ...)``: all ``NAME=DIR``, or one plain ``DIR`` (named ``default``).
+
+    >>> parse_adapters(["a=/", "b=/tmp"])
+    (('a', '/'), ('b', '/tmp'))
+    >>> parse_adapters(["/x/a"])
+    (('default', '/x/a'),)
+    >>> parse_adapters(["a=/", "a=/tmp"])
+    Traceback (most recent call last):
+    ...
+    parity.validation.BadInput: --adapter a=/tmp repeats the name a; give each adapter its own name.
+    """
+    named, plain = [], []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and name and "/" not in name and os.sep not in name:
+            named.append((name, path))
+        else:
+            plain.append(value)
+    if plain and (named or len(plain) > 1):
+        raise BadInput(f"--adapter {plain[0]} is a plain DIR beside {'NAME=DIR forms' if named else 'another DIR'}; "
+                       "name every adapter (--adapter a=DIR1 --adapter b=DIR2), or pass one plain --adapter DIR.")
+    if plain:
+        return (("default", plain[0]),)
+    seen = set()
+    for name, path in named:
+        if name in seen:
+            raise BadInput(f"--adapter {name}={path} repeats the name {name}; give each adapter its own name.")
+        if name == "__base__":
+            raise BadInput("--adapter __base__=DIR: __base__ means 'no adapter' in a mixed batch; pick another name.")
+        if not path:
+            raise BadInput(f"--adapter {name}= names no directory; pass --adapter {name}=DIR.")
+        if not Path(path).is_dir():
+            raise BadInput(f"--adapter {name}={path}: no such directory; pass the PEFT adapter directory "
+                           "(adapter_config.json + adapter_model.safetensors).")
+        seen.add(name)
+    return tuple(named)
+
+
+def parse_combine_weights(text: str | None, count: int) -> tuple[float, ...] | None:
+    """``--combine-weights`` as floats: one finite number per named adapter, and only with two or more.
+
+    >>> parse_combine_weights("0.7,0.3", 2)
+    (0.7, 0.3)
+    >>> parse_combine_weights("1,inf", 2)
+    Traceback (most recent call last):
+    ...
+    parity.validation.BadInput: --combine-weights 1,inf holds a non-finite weight; pass finite numbers, e.g. 0.7,0.3.
+    """
+    if text is None:
+        return None
+    if count < 2:
+        raise BadInput("--combine-weights weighs the combination of several adapters; pass two or more "
+                       "--adapter NAME=DIR, or drop --combine-weights.")
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise BadInput(f"--combine-weights {text} must be comma-separated numbers, e.g. 0.7,0.3.") from None
+    if len(weights) != count:
+        raise BadInput(f"--combine-weights {text} gives {len(weights)} weights for {count} adapters; "
+                       "give one weight per --adapter.")
+    if not all(math.isfinite(w) for w in weights):
+        raise BadInput(f"--combine-weights {text} holds a non-finite weight; pass finite numbers, e.g. 0.7,0.3.")
+    return weights
 
 
 def _check_loraplus_ratio(ratio: float | None, checks: tuple[str, ...]) -> None:
@@ -183,7 +257,13 @@ def validate_inputs(args: argparse.Namespace, settings: SuiteSettings) -> Path:
     check_batch_shape(batch_size=settings.batch_size, seq_len=settings.seq_len, seed=settings.seed,
                       n_positions=gpt2_config["n_positions"], model_dir=model_dir)
     skeleton = gpt2_skeleton(model_dir)
-    if settings.adapter is not None:
+    if settings.adapters:
+        for name, path in settings.adapters:
+            try:
+                check_adapter(path, gpt2_config, skeleton)
+            except BadInput as error:
+                raise BadInput(f"--adapter {name}: {error}") from error
+    elif settings.adapter is not None:
         check_adapter(settings.adapter, gpt2_config, skeleton)
     else:
         check_lora_flags(settings.lora_config(), gpt2_config, skeleton)

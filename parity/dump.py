@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +12,10 @@ import numpy as np
 # The files --dump promises: the int (batch, seq) batch and float32 (batch, seq, vocab) logits.
 DUMP_NAMES = ("input_ids", "torch_base_logits", "jax_base_logits", "torch_lora_logits", "jax_lora_logits",
               "torch_merged_logits", "jax_merged_logits")
+# With several named adapters (their stages ran): the mixed batch, its logits and names, the cat combination's logits.
+MULTI_DUMP_NAMES = ("mixed_input_ids", "jax_mixed_logits", "torch_mixed_logits", "jax_combined_cat_logits",
+                    "torch_combined_cat_logits")
+MIXED_NAMES_FILE = "mixed_adapter_names.json"
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -35,10 +40,15 @@ def dump_arrays(out_dir: str | os.PathLike, arrays: Mapping[str, np.ndarray]) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     missing = []
-    for name in DUMP_NAMES:
+    multi = "mixed_adapter_names" in arrays
+    for name in DUMP_NAMES + (MULTI_DUMP_NAMES if multi else ()):
         if name not in arrays:
             missing.append(name)
             continue
-        dtype = np.int64 if name == "input_ids" else np.float32
+        dtype = np.int64 if name.endswith("input_ids") else np.float32
         save_npy_atomic(out / f"{name}.npy", np.asarray(arrays[name], dtype=dtype))
+    if multi:
+        from parity.report import write_text_atomic
+
+        write_text_atomic(out / MIXED_NAMES_FILE, json.dumps(list(arrays["mixed_adapter_names"])) + "\n")
     return missing

@@ -25,6 +25,13 @@ from parity.checks.deltas import check_forward_delta
 from parity.checks.gradients import check_gradients
 from parity.checks.injection import check_injection, injection_specs
 from parity.checks.interchange import check_interchange
+from parity.checks.many_adapters import (
+    MULTI_CHECKS,
+    check_combination,
+    check_mixed_batch,
+    check_switching,
+    load_many,
+)
 from parity.checks.merge import check_merge
 from parity.checks.training import check_training, default_settings
 from parity.environment import describe_environment
@@ -58,6 +65,9 @@ class SuiteSettings:
         seed: Seeds the batches, A and B.
         checks: Which stages to run, in :data:`CHECKS` order.
         workdir: Where the interchange stage writes its temporary adapters (default: system temp).
+        adapters: Named PEFT adapters ``((name, dir), ...)``; with two or more, the stages of
+            :data:`parity.checks.many_adapters.MULTI_CHECKS` run after the others (which use ``adapter``).
+        combine_weights: The weights of the combination stage, one per adapter (default: equal, 1/K each).
     """
 
     targets: tuple[str, ...] | str = ("c_attn", "c_proj")
@@ -76,6 +86,8 @@ class SuiteSettings:
     seed: int = 0
     checks: tuple[str, ...] = CHECKS
     workdir: str | os.PathLike | None = None
+    adapters: tuple[tuple[str, str], ...] = ()
+    combine_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.checks if c not in CHECKS]
@@ -93,10 +105,12 @@ class SuiteSettings:
 
     def describe(self) -> dict:
         """The run settings as a flat dict for reports (the LoRA ones come from :func:`describe_lora`)."""
-        skipped = {"workdir", "targets", "rank", "alpha", "use_rslora", "layers_to_transform", "use_dora",
+        skipped = {"workdir", "adapters", "targets", "rank", "alpha", "use_rslora", "layers_to_transform", "use_dora",
                    "rank_pattern", "alpha_pattern"}
         out = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name not in skipped}
         out["checks"] = ",".join(self.checks)
+        if self.adapters:
+            out["adapters"] = ",".join(f"{name}={path}" for name, path in self.adapters)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items() if v is not None}
 
 
@@ -213,6 +227,29 @@ class _Stages:
     def _interchange(self) -> StageResult:
         return check_interchange(self.adapted(), self.input_ids, self.settings.workdir)
 
+    @functools.cached_property
+    def many(self) -> Any:
+        """The ``--adapter NAME=DIR`` adapters in both halves (``parity.checks.many_adapters.ManyAdapters``)."""
+        return load_many(self.pair, self.settings.adapters)
+
+    @functools.cached_property
+    def mixed_input_ids(self) -> Any:
+        """A batch of at least K + 1 rows, so every adapter and the base appear in it."""
+        s = self.settings
+        rows = max(s.batch_size, len(s.adapters) + 1)
+        return make_batches(self.pair, count=1, batch_size=rows, seq_len=s.seq_len, seed=s.seed + 3)[0]
+
+    def _switching(self) -> StageResult:
+        return check_switching(self.many, self.input_ids)
+
+    def _mixed_batch(self) -> StageResult:
+        return check_mixed_batch(self.many, self.mixed_input_ids)
+
+    def _combination(self) -> StageResult:
+        s = self.settings
+        weights = s.combine_weights or tuple(1.0 / len(s.adapters) for _ in s.adapters)
+        return check_combination(self.many, self.input_ids, weights)
+
 
 def run_check(pair: ModelPair, name: str, settings: SuiteSettings | None = None) -> StageResult:
     """Runs one stage (see :data:`CHECKS`) with parity numerics on; exceptions propagate.
@@ -236,6 +273,11 @@ def run_suite(pair: ModelPair, settings: SuiteSettings | None = None, *, command
         arrays["input_ids"] = stages.input_ids
         for name in CHECKS:
             if name in settings.checks:
+                result = _guarded(name, lambda n=name: stages.run(n))
+                rows += result.rows
+                arrays.update(result.arrays)
+        if len(settings.adapters) >= 2:
+            for name in MULTI_CHECKS:
                 result = _guarded(name, lambda n=name: stages.run(n))
                 rows += result.rows
                 arrays.update(result.arrays)
