@@ -23,6 +23,16 @@ def test_committed_cpu_report_rerenders_byte_for_byte(tmp_path):
     assert Path(paths[2]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+
+def test_committed_dora_report_rerenders_byte_for_byte(tmp_path):
+    report_module = load_example("benchmark_report")
+    committed = DOCS / "benchmark_dora.json"
+    report = json.loads(committed.read_text())
+    assert report["ratios"] == report_module.dora_ratios(report["config"]["results"])  # the ratios follow from the times
+    paths = report_module.write_dora_report(report, str(tmp_path / "dora"))
+    assert Path(paths[0]).read_bytes() == committed.read_bytes()
+    assert Path(paths[1]).read_bytes() == (DOCS / "benchmark_dora.md").read_bytes()
+
 def _row(name: str, seconds: list[float], tokens: int = 512) -> dict:
     return {"name": name, "tokens_per_s_median": tokens / sorted(seconds)[len(seconds) // 2], "step_s_all": seconds}
 
