@@ -61,33 +61,7 @@ def dora_extra(
     dropped: bool,
     precision: Any = None,
 ) -> jax.Array:
-    """What DoRA adds to the base output ``y``: ``(f - 1) * (x W0) + f * s * (x A) B`` (see ``dora_output``)."""
-    dtype = y.dtype
-    factor = (jnp.asarray(magnitude, jnp.float32) / weight_norm(kernel, a, b, scaling)).astype(dtype)
-    x_branch = x_branch.astype(dtype)
-    if dropped:
-        base = jnp.matmul(x_branch, kernel.astype(dtype), precision=precision)
-    else:
-        base = y if bias is None else y - bias.astype(dtype)
-    h = jnp.matmul(x_branch, a.astype(dtype), precision=precision)
-    lora = jnp.matmul(h, b.astype(dtype), precision=precision) * jnp.asarray(scaling, dtype)
-    return (factor - 1) * base + factor * lora
-
-
-def dora_output(
-    y: jax.Array,
-    x_branch: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    a: jax.Array,
-    b: jax.Array,
-    magnitude: jax.Array,
-    scaling: float,
-    *,
-    dropped: bool,
-    precision: Any = None,
-) -> jax.Array:
-    """A DoRA layer's output from the base layer's output ``y = x W0 + b``.
+    """What DoRA adds to the base layer's output ``y = x W0 + b``: ``(f - 1) * (x W0) + f * s * (x A) B``.
 
     Args:
         y: The base layer's output (..., out); its dtype is the computation dtype.
@@ -103,10 +77,19 @@ def dora_output(
         precision: The layer's matmul precision.
 
     >>> k = jnp.array([[3.0, 0.0], [4.0, 1.0]]); x = jnp.array([[1.0, 1.0]]); a = jnp.zeros((2, 1)); b = jnp.zeros((1, 2))
-    >>> dora_output(x @ k, x, k, None, a, b, jnp.array([10.0, 1.0]), 1.0, dropped=False).tolist()  # m = 2 ||W0|| in column 0
-    [[14.0, 1.0]]
+    >>> dora_extra(x @ k, x, k, None, a, b, jnp.array([10.0, 1.0]), 1.0, dropped=False).tolist()  # m = 2 ||W0|| in column 0
+    [[7.0, 0.0]]
     """
-    return y + dora_extra(y, x_branch, kernel, bias, a, b, magnitude, scaling, dropped=dropped, precision=precision)
+    dtype = y.dtype
+    factor = (jnp.asarray(magnitude, jnp.float32) / weight_norm(kernel, a, b, scaling)).astype(dtype)
+    x_branch = x_branch.astype(dtype)
+    if dropped:
+        base = jnp.matmul(x_branch, kernel.astype(dtype), precision=precision)
+    else:
+        base = y if bias is None else y - bias.astype(dtype)
+    h = jnp.matmul(x_branch, a.astype(dtype), precision=precision)
+    lora = jnp.matmul(h, b.astype(dtype), precision=precision) * jnp.asarray(scaling, dtype)
+    return (factor - 1) * base + factor * lora
 
 
 def merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Array, scaling: float) -> jax.Array:

@@ -1,7 +1,7 @@
 """The LoRA forward pass, added to any Flax model by intercepting ``nn.Dense`` calls.
 
 Inside ``lora_interception`` each ``flax.linen.Dense`` whose module path is in the LoRA tree
-returns ``x W0 + b + s * (dropout(x) A) B`` (a DoRA module: ``lora_jax.dora.dora_output``), and
+returns ``x W0 + b + s * (dropout(x) A) B`` (a DoRA module adds ``lora_jax.dora.dora_extra``), and
 each adapted ``flax.linen.Embed`` returns ``E[ids] + s * A[ids] B`` from its ``__call__``. An Embed's
 ``attend`` (the tied output head of GPT-2) is left alone: PEFT adapts the input lookup only. The model's code is untouched, its params stay
 frozen arguments, and the branch is the factorised product: ``W0 + s A B`` is never formed,
