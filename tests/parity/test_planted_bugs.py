@@ -316,3 +316,37 @@ def test_every_stage_has_a_planted_bug():
 
     covered = {"base_forward", "injection", "forward_delta", "gradients", "training", "merge", "interchange"}
     assert set(CHECKS) == covered
+
+
+def _all_linear_with_head(linear_names, output_names):
+    # The bug: all-linear keeps the output head (PEFT drops model.get_output_embeddings()).
+    return tuple(sorted(set(linear_names)))
+
+
+def test_all_linear_keeping_the_head_in_both_halves_is_caught(tiny_pair, monkeypatch):
+    import lora_jax.targets
+    import lora_torch.inject
+
+    settings = SuiteSettings(targets="all-linear")
+    assert all(row.passed for row in run_check(tiny_pair, "injection", settings).rows)
+    monkeypatch.setattr(lora_torch.inject, "expand_all_linear", _all_linear_with_head)
+    monkeypatch.setattr(lora_jax.targets, "expand_all_linear", _all_linear_with_head)
+    result = run_check(tiny_pair, "injection", settings)
+    # transformers' GPT-2 has an nn.Linear lm_head (tied to wte), which torch now adapts. The Flax GPT-2's head
+    # is wte.attend, no Dense, so JAX (and the PEFT reference it is held to) stay right: the halves disagree.
+    failed = [row.name for row in result.rows if not row.passed]
+    assert failed == ["module names [all-linear]", "trainable params [all-linear]"], failed
+
+
+def test_an_unscaled_embedding_branch_in_jax_is_caught_by_torch_and_peft(tiny_pair, monkeypatch):
+    import lora_jax.forward
+
+    original = lora_jax.forward.embedding_branch
+    settings = SuiteSettings(targets=("wte", "c_attn"), rank=4, alpha=16.0)  # scaling 4: a missing one shows
+    assert all(row.passed for row in run_check(tiny_pair, "forward_delta", settings).rows)
+    monkeypatch.setattr(lora_jax.forward, "embedding_branch",
+                        lambda ids, a, b, scaling, *, dtype: original(ids, a, b, 1.0, dtype=dtype))
+    jax.clear_caches()  # the correct run compiled the same shapes; trace again with the bug in
+    result = run_check(tiny_pair, "forward_delta", settings)
+    assert not _row(result, "LoRA logits torch vs JAX [rsLoRA off").passed
+    assert not _row(result, "LoRA logits peft.PeftModel vs JAX [rsLoRA off").passed
