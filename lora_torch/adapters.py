@@ -138,6 +138,19 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 @contextlib.contextmanager
+def _set_on_wrappers(wrappers: list, attribute: str, value: object) -> Iterator[None]:
+    """Sets ``attribute`` to ``value`` on every wrapper for the ``with`` block, then restores each one's own value."""
+    before = [getattr(wrapper, attribute) for wrapper in wrappers]
+    for wrapper in wrappers:
+        setattr(wrapper, attribute, value)
+    try:
+        yield
+    finally:
+        for wrapper, previous in zip(wrappers, before):
+            setattr(wrapper, attribute, previous)
+
+
+@contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Runs the base model alone inside the ``with`` block; PEFT's ``disable_adapter()``.
 
@@ -146,15 +159,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         ValueError: the model has no adapters.
     """
-    wrappers = list(_wrappers(model).values())
-    before = [wrapper.adapters_disabled for wrapper in wrappers]
-    for wrapper in wrappers:
-        wrapper.adapters_disabled = True
-    try:
+    with _set_on_wrappers(list(_wrappers(model).values()), "adapters_disabled", True):
         yield model
-    finally:
-        for wrapper, disabled in zip(wrappers, before):
-            wrapper.adapters_disabled = disabled
 
 
 @contextlib.contextmanager
@@ -188,12 +194,5 @@ def adapter_names(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]
     if dora:
         raise ValueError(f"adapter_names cannot use DoRA adapters ({dora}) in a mixed batch, as PEFT cannot; run them "
                          "on their own batches with set_adapter.")
-    routing = BatchRouting(names)
-    before = [wrapper.batch_routing for wrapper in wrappers]
-    for wrapper in wrappers:
-        wrapper.batch_routing = routing
-    try:
+    with _set_on_wrappers(wrappers, "batch_routing", BatchRouting(names)):
         yield model
-    finally:
-        for wrapper, previous in zip(wrappers, before):
-            wrapper.batch_routing = previous
