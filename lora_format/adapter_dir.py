@@ -517,7 +517,7 @@ class _IncompleteAdapter(Exception):
 def _read_named_once(path: Path) -> dict[str, AdapterFiles] | None:
     root = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        found = {}
+        found, incomplete = {}, None
         for name in [""] + sorted(os.listdir(root)):
             try:
                 sub = root if not name else os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=root)
@@ -532,8 +532,8 @@ def _read_named_once(path: Path) -> dict[str, AdapterFiles] | None:
                 try:
                     if CONFIG_NAME in handles:
                         found[name or DEFAULT_ADAPTER] = _read_pinned_files(pinned, pinned.path)
-                except FileNotFoundError as err:  # a config without weights: not a missing directory, say what is
-                    raise _IncompleteAdapter(str(err)) from None
+                except FileNotFoundError as err:  # a config without weights: a save swapped out meanwhile, or broken
+                    incomplete = incomplete or str(err)
                 finally:
                     for handle in handles.values():
                         os.close(handle)
@@ -541,6 +541,10 @@ def _read_named_once(path: Path) -> dict[str, AdapterFiles] | None:
                 if sub != root:
                     os.close(sub)
         held, now = os.fstat(root), os.stat(path)
-        return found if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino) else None
+        if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+            return None  # a save replaced the directory (and may be deleting the files we missed): read again
+        if incomplete is not None:  # still the directory at ``path``: it really lacks a file; say which
+            raise _IncompleteAdapter(incomplete)
+        return found
     finally:
         os.close(root)

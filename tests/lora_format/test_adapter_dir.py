@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import load, save_file
 
 from lora_format import adapter_dir
+from lora_format.atomic import make_dir
 from lora_format.adapter_dir import (
     CONFIG_DIGEST_KEY,
     CONFIG_NAME,
@@ -263,10 +264,35 @@ def test_adapter_names_that_cannot_be_subdirectories_are_refused(bad):
         check_adapter_name(bad)
 
 
-def test_a_config_without_weights_is_named_at_once(tmp_path):
+def test_a_config_without_weights_is_named_at_once(tmp_path, monkeypatch):
     from lora_format.adapter_dir import read_named_adapter_files
     (tmp_path / CONFIG_NAME).write_bytes(encode_config({"peft_type": "LORA"}))
-    started = time.monotonic()
+    calls = []
+    read_once = adapter_dir._read_named_once
+    monkeypatch.setattr(adapter_dir, "_read_named_once", lambda path: calls.append(path) or read_once(path))
     with pytest.raises(FileNotFoundError, match=f"has no {WEIGHTS_NAME}; it is not a PEFT adapter directory"):
         read_named_adapter_files(tmp_path)
-    assert time.monotonic() - started < 0.5  # no retries: nothing was swapped, a file is missing
+    assert len(calls) == 1  # no retries: nothing was swapped, a file is missing
+
+
+def test_a_directory_swapped_out_while_its_files_are_deleted_is_read_again(tmp_path, monkeypatch):
+    # The race CI hit: a reader opens the old directory, a save swaps it out and starts deleting it, and the
+    # reader finds its config but not its weights. That is not a broken adapter: the reader must read again.
+    from lora_format.adapter_dir import read_named_adapter_files
+    target = tmp_path / "set"
+    save_adapter_dir(target, writer(8.0, 1.0))
+    listdir, swapped = os.listdir, []
+
+    def listdir_then_swap(fd):
+        names = listdir(fd)
+        if not swapped:  # between the reader's open of the root and its open of the files
+            swapped.append(True)
+            fresh = make_dir(tmp_path / "fresh")
+            writer(16.0, 2.0)(fresh)
+            assert adapter_dir._exchange(fresh, target)  # the new save is in; ``fresh`` now holds the old one
+            (fresh / WEIGHTS_NAME).unlink()  # and its deletion has begun: weights gone, config not yet
+        return names
+
+    monkeypatch.setattr(adapter_dir.os, "listdir", listdir_then_swap)
+    files = read_named_adapter_files(target)
+    assert swapped and json.loads(files["default"].config)["lora_alpha"] == 16.0
