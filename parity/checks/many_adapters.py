@@ -8,7 +8,8 @@ the files' values in all three, never drawn twice.
 - mixed_batch: example i uses ``names[i % (K+1)]``, the (K+1)-th being ``"__base__"``. JAX's one forward vs
   torch's ``adapter_names`` and ``PeftModel(..., adapter_names=...)``; each row of JAX's batch vs PEFT with that
   adapter alone (so a routing bug cannot hide behind two halves that share it); the loss and the gradients
-  of every adapter in the mixed batch, vs torch and vs PEFT (eval mode, every adapter's factors trainable).
+  of every adapter in the mixed batch, vs torch and vs PEFT (eval mode, every adapter's factors trainable), and
+  three AdamW steps on it (``parity.checks.mixed_training``).
 - combination: ``cat``, ``linear`` (equal ranks only) and ``svd`` in each half vs a dense float64 reference
   computed here from the loaded factors (not by ``lora_format.combine``, the code both halves share): the
   exact sum ``sum_i w_i s_i A_i B_i`` for cat, its best rank-k approximation for svd, PEFT's own definition
@@ -29,6 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from parity.checks.mixed_training import (
+    as_numpy,
+    factor_leaves,
+    jax_named_factors,
+    mixed_training_rows,
+    torch_mixed_loss,
+)
 from parity.pair import ModelPair
 from parity.peft_reference import peft_available, reference_rows
 from parity.results import StageResult, compare_arrays, compare_named_arrays
@@ -170,54 +178,20 @@ def check_mixed_batch(many: ManyAdapters, input_ids: np.ndarray) -> StageResult:
 
         rows += reference_rows("mixed_batch", [(label, tol) for label in labels], peft_rows)
     rows += _mixed_gradient_rows(many, input_ids, names)
+    rows += mixed_training_rows(many, input_ids, names)
     return StageResult(rows, arrays)
 
 
-def _leaves(model: Any, names: Sequence[str], peft: bool) -> dict[str, Any]:
-    """``{"<adapter>/<module>.lora_A": param (in, r) view source, ...}`` of every adapter's factors."""
-    params = {}
-    if peft:
-        from parity.peft_reference import peft_layers
-
-        for module, layer in peft_layers(model).items():
-            for name in names:
-                if name in layer.lora_A:
-                    params[f"{name}/{module}.lora_A"] = (layer.lora_A[name].weight, True)
-                    params[f"{name}/{module}.lora_B"] = (layer.lora_B[name].weight, True)
-                elif name in layer.lora_embedding_A:
-                    params[f"{name}/{module}.lora_A"] = (layer.lora_embedding_A[name], True)
-                    params[f"{name}/{module}.lora_B"] = (layer.lora_embedding_B[name], True)
-        return params
-    from lora_torch import lora_wrappers
-
-    for module, wrapper in lora_wrappers(model).items():
-        for name, lora in wrapper.adapters.items():
-            if name in names:
-                params[f"{name}/{module}.lora_A"] = (lora.lora_A, False)
-                params[f"{name}/{module}.lora_B"] = (lora.lora_B, False)
-    return params
-
-
 def _torch_grads(many: ManyAdapters, model: Any, ids: np.ndarray, names: list[str], peft: bool) -> tuple:
-    import lora_torch
-
-    params = _leaves(model, many.names, peft)
+    params = factor_leaves(model, many.names, peft)
     flags = {key: p.requires_grad for key, (p, _) in params.items()}
     for p, _ in params.values():
         p.requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    x = many.pair.torch_ids(ids)
     try:
-        if peft:
-            loss = model(x, labels=x, adapter_names=names).loss
-        else:
-            with lora_torch.adapter_names(model, names):
-                loss = model(x, labels=x).loss
+        loss = torch_mixed_loss(many, model, ids, names, peft)
         loss.backward()
-        grads = {}
-        for key, (p, transposed) in params.items():
-            g = np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.detach().float().cpu().numpy()
-            grads[key] = g.T if transposed else g
+        grads = as_numpy(params, grads=True)
     finally:
         model.zero_grad(set_to_none=True)
         for key, (p, _) in params.items():
@@ -239,10 +213,7 @@ def _mixed_gradient_rows(many: ManyAdapters, input_ids: np.ndarray, names: list[
         return next_token_loss(forward(pair.jax_params, adapter_set, x, adapter_names=example_ids), x, None)
 
     loss_j, grads = jax.value_and_grad(loss_fn)(many.adapter_set)
-    grads_j = {}
-    for name in many.names:
-        for module, (a, b) in adapter_to_named(grads.adapters[name]).items():
-            grads_j[f"{name}/{module}.lora_A"], grads_j[f"{name}/{module}.lora_B"] = a, b
+    grads_j = jax_named_factors(grads, many.names)
     loss_tol, grads_tol = tolerance_for("train_loss", pair.dtype), tolerance_for("grads", pair.dtype)
     loss_t, grads_t = _torch_grads(many, many.torch_model, input_ids, names, peft=False)
     rows = [compare_arrays("mixed_batch", "mixed loss torch vs JAX", loss_t, float(loss_j), loss_tol),
