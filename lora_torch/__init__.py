@@ -28,6 +28,12 @@ from lora_torch.merge import merge_lora_weights, unmerge_lora_weights
 from lora_torch.mixed_batch import BASE_ADAPTER
 from lora_torch.peft_adapter import load_adapter, peft_state_dict, save_adapter
 from lora_torch.peft_config import build_adapter_config
+from lora_torch.quantize import (
+    BitsandbytesMissingError,
+    Linear4bitWithDoRA,
+    Linear4bitWithLoRA,
+    quantize_base,
+)
 from lora_torch.trainable import (
     freeze_base_model,
     lora_parameters,
@@ -38,11 +44,14 @@ from lora_torch.weighted import add_weighted_adapter
 
 __all__ = [
     "BASE_ADAPTER",
+    "BitsandbytesMissingError",
     "Conv1DWithDoRA",
     "Conv1DWithLoRA",
     "DoRALayer",
     "EmbeddingLoRALayer",
     "EmbeddingWithLoRA",
+    "Linear4bitWithDoRA",
+    "Linear4bitWithLoRA",
     "LinearWithDoRA",
     "LinearWithLoRA",
     "LoRALayer",
@@ -69,6 +78,7 @@ __all__ = [
     "merge_lora_weights",
     "peft_state_dict",
     "print_trainable_parameters",
+    "quantize_base",
     "save_adapter",
     "save_lora_weights",
     "set_adapter",

@@ -21,6 +21,7 @@ from lora_torch.layers import (
     check_adapter_name,
     check_lora_settings,
 )
+from lora_torch.quantize import Linear4bitWithDoRA, Linear4bitWithLoRA, is_linear4bit
 from lora_torch.targeting import (
     TargetModules,
     check_layers_pattern,
@@ -177,6 +178,8 @@ def check_wrappable(matched: list[tuple[str, nn.Module]], *, use_dora: bool = Fa
 
 
 def _wrap(module: nn.Module, use_dora: bool, **lora_kwargs) -> LoRAWrapper:
+    if is_linear4bit(module):  # before the table: Linear4bit is an nn.Linear whose weight holds packed codes
+        return (Linear4bitWithDoRA if use_dora else Linear4bitWithLoRA)(module, **lora_kwargs)
     for base_type, wrapper_type in (DORA_WRAPPER_FOR_TYPE if use_dora else WRAPPER_FOR_TYPE).items():
         if isinstance(module, base_type):
             return wrapper_type(module, **lora_kwargs)
@@ -265,6 +268,9 @@ def inject_lora(
     verbose: bool = True,
 ) -> nn.Module:
     """Replaces each targeted ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` with its LoRA wrapper, in place.
+
+    A bitsandbytes ``Linear4bit`` (a QLoRA base: ``quantize_base``, or transformers' 4-bit loading) gets a
+    ``Linear4bitWithLoRA`` (``Linear4bitWithDoRA`` with ``use_dora``): float32 LoRA on a frozen NF4 base.
 
     Every check runs before any module is replaced, so an error leaves ``model`` unchanged.
     Injecting into a module that already carries LoRA raises instead of nesting adapters.

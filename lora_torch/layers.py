@@ -237,10 +237,15 @@ class LoRAWrapper(nn.Module):
                 self._modules[_EXTRA_SLOT] = nn.ModuleDict()
             self._modules[_EXTRA_SLOT][adapter_name] = lora
 
+    @classmethod
+    def branch_placement(cls, base_layer: nn.Module) -> dict[str, torch.device | torch.dtype]:
+        """The device and dtype of a new branch's parameters: the base weight's (a 4-bit base overrides it)."""
+        weight = base_layer.weight
+        return {"device": weight.device, "dtype": weight.dtype}
+
     def new_branch(self, **lora_kwargs) -> LoRALayer:
-        """A fresh branch of ``branch_type`` for this module (device and dtype of the base weight)."""
-        weight = self.base_layer.weight
-        return type(self).branch_type(self.in_features, self.out_features, device=weight.device, dtype=weight.dtype,
+        """A fresh branch of ``branch_type`` for this module, placed as ``branch_placement`` says."""
+        return type(self).branch_type(self.in_features, self.out_features, **self.branch_placement(self.base_layer),
                                       **lora_kwargs)
 
     def add_adapter(self, adapter_name: str, lora: LoRALayer | None = None, **lora_kwargs) -> LoRALayer:
@@ -351,9 +356,13 @@ class LoRAWrapper(nn.Module):
         """The frozen base bias (``None`` when the base has none)."""
         return self.base_layer.bias
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight as a dense tensor in the base layer's orientation (a 4-bit base dequantizes)."""
+        return self.base_layer.weight
+
     def base_kernel(self) -> torch.Tensor:
         """The base weight in kernel orientation (in, out); a view, not a copy."""
-        return self.base_layer.weight
+        return self.base_weight()
 
     def weight_from_kernel(self, kernel: torch.Tensor) -> torch.Tensor:
         """Turns an (in, out) kernel into the base weight's orientation (the inverse of ``base_kernel``)."""
@@ -367,7 +376,7 @@ class LoRAWrapper(nn.Module):
         held = self.adapters
         kernels = [held[name].delta_kernel() for name in self.merge_names(adapter_names)]
         if not kernels:
-            return torch.zeros_like(self.base_layer.weight)
+            return torch.zeros_like(self.base_weight())
         kernel = kernels[0]
         for other in kernels[1:]:
             kernel = kernel + other
@@ -379,12 +388,13 @@ class LoRAWrapper(nn.Module):
         Summed in float32 at least, so a half-precision base is rounded once (by the merge), not twice.
         """
         delta = self.delta_weight() if adapter_names is None else self.delta_weight(adapter_names)
-        return self.base_layer.weight.float() + delta.float()
+        return self.base_weight().float() + delta.float()
 
 
-def _branch_for(branch_type: type[LoRALayer], weight: torch.Tensor, in_features: int, out_features: int,
+def _branch_for(wrapper_type: type[LoRAWrapper], base_layer: nn.Module, in_features: int, out_features: int,
                 **lora_kwargs) -> LoRALayer:
-    return branch_type(in_features, out_features, device=weight.device, dtype=weight.dtype, **lora_kwargs)
+    return wrapper_type.branch_type(in_features, out_features, **wrapper_type.branch_placement(base_layer),
+                                    **lora_kwargs)
 
 
 class LinearWithLoRA(LoRAWrapper):
@@ -418,14 +428,14 @@ class LinearWithLoRA(LoRAWrapper):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LinearWithLoRA wraps torch.nn.Linear, got {type(linear).__name__}; "
                             "use Conv1DWithLoRA for transformers' Conv1D.")
-        lora = _branch_for(type(self).branch_type, linear.weight, linear.in_features, linear.out_features,
+        lora = _branch_for(type(self), linear, linear.in_features, linear.out_features,
                            rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora,
                            init_lora_weights=init_lora_weights)
         super().__init__(linear, linear.in_features, linear.out_features, lora, adapter_name)
 
     def base_kernel(self) -> torch.Tensor:
         # nn.Linear stores (out, in); the kernel orientation is (in, out).
-        return self.base_layer.weight.T
+        return self.base_weight().T
 
     def weight_from_kernel(self, kernel: torch.Tensor) -> torch.Tensor:
         # nn.Linear stores (out, in), so the (in, out) update is transposed.
@@ -464,7 +474,7 @@ class Conv1DWithLoRA(LoRAWrapper):
             raise TypeError(f"Conv1DWithLoRA wraps transformers.pytorch_utils.Conv1D, got "
                             f"{type(conv1d).__name__}; use LinearWithLoRA for torch.nn.Linear.")
         in_features, out_features = conv1d.weight.shape
-        lora = _branch_for(type(self).branch_type, conv1d.weight, in_features, out_features,
+        lora = _branch_for(type(self), conv1d, in_features, out_features,
                            rank=rank, lora_alpha=lora_alpha, dropout=dropout, use_rslora=use_rslora,
                            init_lora_weights=init_lora_weights)
         super().__init__(conv1d, in_features, out_features, lora, adapter_name)

@@ -13,6 +13,12 @@ is merged in place instead, as PEFT's ``merge_and_unload`` does: a copy would un
 layer is the base layer itself, the tie holds, and the other module sees the merged weight too, so
 merged logits differ from unmerged ones (which adapt only the wrapped module); a warning says so.
 A copy of ``W0`` is kept for the unmerge, which writes it back into the shared Parameter.
+
+A QLoRA wrapper (``lora_torch.quantize``, a bitsandbytes ``Linear4bit`` base) merges by dequantizing:
+its plain layer holds ``dequantize_4bit(W) + s (A @ B).T`` in full precision (a ``Conv1D`` again when
+the 4-bit layer came from one), so the model is full precision at those modules. With
+``requantize=True`` that weight is quantized back into a ``Linear4bit`` (lossy). Either way the
+wrapper, with its 4-bit base untouched, is kept for ``unmerge_lora_weights``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import nn
 
 from lora_torch.inject import list_adapters, lora_wrappers
 from lora_torch.layers import LoRAWrapper
+from lora_torch.quantize import Linear4bitWithLoRA, merged_module
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +50,12 @@ def _tied_to(model: nn.Module, name: str, wrapper: LoRAWrapper) -> list[str]:
 
 
 def _merged_layer(wrapper: LoRAWrapper, keep_for_unmerge: bool, tied: bool,
-                  adapter_names: list[str] | None) -> nn.Module:
+                  adapter_names: list[str] | None, requantize: bool = False) -> nn.Module:
+    if isinstance(wrapper, Linear4bitWithLoRA):  # a new dense (or re-quantized) layer; the 4-bit base is kept
+        merged = merged_module(wrapper, adapter_names, requantize)
+        if keep_for_unmerge:
+            object.__setattr__(merged, _UNMERGE_ATTR, wrapper)
+        return merged
     base = wrapper.base_layer
     in_place = tied or not keep_for_unmerge
     merged = base if in_place else copy.deepcopy(base)
@@ -73,7 +85,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def merge_lora_weights(model: nn.Module, *, keep_for_unmerge: bool = True,
-                       adapter_names: list[str] | None = None) -> nn.Module:
+                       adapter_names: list[str] | None = None, requantize: bool = False) -> nn.Module:
     """Replaces every LoRA wrapper with a plain layer holding the merged weight; returns ``model``.
 
     A base weight tied to another module is merged in place, keeping the tie (module docstring), and
@@ -87,9 +99,13 @@ def merge_lora_weights(model: nn.Module, *, keep_for_unmerge: bool = True,
         adapter_names: the adapters to fold in (their updates are summed); default the active ones,
             as PEFT's ``merge_and_unload``. A module holding none of them gets its base weight.
             Unmerging puts every adapter back, whichever were merged.
+        requantize: QLoRA only: quantize each merged 4-bit layer back to NF4 (a ``Linear4bit`` with the base's
+            settings) instead of leaving it in full precision. Lossy: the merged weight moves by up to half a
+            quantization step (measured in docs/lora_torch.md, "QLoRA").
 
     Raises:
-        ValueError: the model has no LoRA wrappers, an unknown adapter name, or two DoRA adapters in one module.
+        ValueError: the model has no LoRA wrappers, an unknown adapter name, two DoRA adapters in one module,
+            or ``requantize`` on a model without 4-bit layers.
 
     >>> from lora_torch.inject import inject_lora
     >>> model = inject_lora(nn.Sequential(nn.Linear(4, 3)), ["0"], rank=2, verbose=False)
@@ -106,13 +122,16 @@ def merge_lora_weights(model: nn.Module, *, keep_for_unmerge: bool = True,
         if unknown:
             raise ValueError(f"merge_lora_weights: no adapter named {unknown} in the model; its adapters are "
                              f"{available}.")
+    if requantize and not any(isinstance(wrapper, Linear4bitWithLoRA) for wrapper in wrappers.values()):
+        raise ValueError("requantize=True re-quantizes merged 4-bit (QLoRA) layers, and this model has none; "
+                         "merge without it.")
     for wrapper in wrappers.values():  # before anything is written: DoRA merges one adapter at most
         wrapper.check_active(wrapper.merge_names(adapter_names))
     for name, wrapper in wrappers.items():
         tied = _tied_to(model, name, wrapper)
         if tied:
             _warn_tied(name, tied)
-        _replace(model, name, _merged_layer(wrapper, keep_for_unmerge, bool(tied), adapter_names))
+        _replace(model, name, _merged_layer(wrapper, keep_for_unmerge, bool(tied), adapter_names, requantize))
     return model
 
 
@@ -146,6 +165,9 @@ def unmerge_lora_weights(model: nn.Module) -> nn.Module:
                 merged.weight.copy_(merged.__dict__.pop(_UNMERGE_WEIGHT_ATTR))
         del merged.__dict__[_UNMERGE_ATTR]  # merged may be wrapper.base_layer itself; it must not look merged
         # Follow any .to(device/dtype) the model had after the merge; the kept wrapper was not moved with it.
-        wrapper.to(device=merged.weight.device, dtype=merged.weight.dtype)
+        if isinstance(wrapper, Linear4bitWithLoRA):  # its codes are uint8 and its LoRA float32: the device only
+            wrapper.to(device=merged.weight.device)
+        else:
+            wrapper.to(device=merged.weight.device, dtype=merged.weight.dtype)
         _replace(model, name, wrapper)
     return model
