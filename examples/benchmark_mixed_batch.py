@@ -483,11 +483,14 @@ def markdown(report: dict) -> Iterator[str]:
     layer = ", ".join(f"{k} {1e6 * v:.0f}" for k, v in rat["branch_layer_s"].items())
     yield f"\nSum over the four modules (one layer), us: {layer}.\n"
     fastest = rat["fastest"]
-    keep = fastest["branch"] == fastest["whole_model_forward"] == "gather"
-    yield (f"Fastest mixed algorithm on this CPU: **{fastest['branch']}** for the branches alone, "
+    # Only an alternative faster than gather in every round (same load) counts as faster.
+    better = [f"{n.removeprefix('jax_mixed_')} ({_r(r)}x gather's time)"
+              for n, r in rat["alternative_cost_over_gather"].items() if r["round_max"] < 1.0]
+    yield (f"Fastest mixed algorithm on this CPU (medians): **{fastest['branch']}** for the branches alone, "
            f"**{fastest['whole_model_forward']}** in the whole-model forward. "
-           + ("lora_jax's gather stays." if keep else "lora_jax's choice (gather) is not the fastest here; see the "
-              "ratios before changing it, and rerun on a quiet machine."))
+           + (f"Faster than gather in every round of the whole-model forward: {', '.join(better)}; confirm on a "
+              "quiet machine before changing lora_jax." if better else "No alternative beat gather in every round "
+              "of the whole-model forward, so lora_jax's gather stays."))
     yield ("\nOn CPU, jax lowers `ragged_dot` to a dense contraction over every group with a mask (see its XLA FLOP "
            "count), so grouping computes every adapter on every row, like the one-hot contraction.\n")
 
