@@ -44,7 +44,8 @@ from lora_jax.adapter import Adapter, checked_modules
 from lora_jax.adapter_set import AdapterSet
 from lora_jax.dora import dora_extra
 from lora_jax.mixed_batch import mixed_dense_branch, mixed_dropout, mixed_embedding_branch, stacked_factors
-from lora_jax.qlora import dequantize_params
+from lora_jax.nf4 import NF4Tensor
+from lora_jax.qlora import has_nf4, nf4_dense
 from lora_jax.lora_tree import ModulePath
 from lora_jax.targets import dotted_name
 
@@ -226,8 +227,32 @@ def lora_interception(
             mixed batch or active together with others; or, with ``strict``, when the block ends
             and some LoRA module went unused.
     """
-    extras = _extras(adapter, dropout_rng, adapter_names)
-    embeddings = _embedding_paths(adapter)
+    with _intercepted(_extras(adapter, dropout_rng, adapter_names), _embedding_paths(adapter), strict):
+        yield
+
+
+def _nf4_kernel(module: nn.Module) -> NF4Tensor | None:
+    if not isinstance(module, nn.Dense):
+        return None
+    kernel = module.variables.get("params", {}).get("kernel")
+    return kernel if isinstance(kernel, NF4Tensor) else None
+
+
+def _base_output(module: nn.Module, next_fun: Callable, args: tuple, kwargs: dict) -> jax.Array:
+    """The module's own output. A Dense holding an NF4 kernel (a QLoRA base) computes it with ``nf4_dense``,
+    which dequantizes the kernel here, where it is used, and again in the backward pass."""
+    kernel = _nf4_kernel(module)
+    if kernel is None:
+        return next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs["inputs"]
+    bias = module.variables["params"].get("bias") if module.use_bias else None
+    return nf4_dense(x, kernel, bias, dtype=module.dtype, precision=module.precision)
+
+
+@contextlib.contextmanager
+def _intercepted(extras: dict[ModulePath, Extra], embeddings: set[ModulePath], strict: bool) -> Iterator[None]:
+    """Adds ``extras[path]`` to the output of each adapted Dense / Embed, and runs NF4 Dense kernels through
+    ``nf4_dense``; with ``strict``, checks at the end that every adapted module was called."""
     applied: set[ModulePath] = set()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -235,9 +260,9 @@ def lora_interception(
         if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Embed)):
             return next_fun(*args, **kwargs)  # an Embed's attend (GPT-2's tied head) is never adapted, as in PEFT
         path = tuple(module.path)
+        y = _base_output(module, next_fun, args, kwargs)
         if path not in extras or isinstance(module, nn.Embed) != (path in embeddings):
-            return next_fun(*args, **kwargs)
-        y = next_fun(*args, **kwargs)
+            return y
         x = args[0] if args else kwargs["inputs"]
         applied.add(path)
         return y + extras[path](module, x, y)
@@ -258,7 +283,10 @@ def _dora_extra(module: nn.Dense, y: jax.Array, x: jax.Array, a: jax.Array, b: j
     params = module.variables["params"]
     dropped = dropout > 0.0 and rng is not None
     x_branch = dropout_input(x.astype(y.dtype), dropout, rng) if dropped else x
-    return dora_extra(y, x_branch, params["kernel"], params.get("bias"), a, b, magnitude, scaling,
+    kernel = params["kernel"]
+    if isinstance(kernel, NF4Tensor):  # DoRA's column norms need W0's values: a QLoRA base dequantizes it here
+        kernel = kernel.dequantize().T
+    return dora_extra(y, x_branch, kernel, params.get("bias"), a, b, magnitude, scaling,
                       dropped=dropped, precision=module.precision)
 
 
@@ -274,8 +302,8 @@ def lora_apply(apply_fn: Callable[..., Any], *, strict: bool = True) -> Callable
         added; ``params`` is the frozen tree, ``adapter`` the trainable ``Adapter`` (its config
         travels with it), or an ``AdapterSet`` (its active adapters summed, or with
         ``adapter_names`` a mixed batch, see ``lora_interception``). ``adapter=None`` runs the base
-        model. ``params`` may be a QLoRA base (``lora_jax.qlora.quantize_params``): its NF4 kernels
-        are dequantized inside the call. Extra ``kwargs`` (e.g. ``method=`` or ``rngs=``) go to ``apply_fn``.
+        model. ``params`` may be a QLoRA base (``lora_jax.qlora.quantize_params``): each NF4 kernel is
+        dequantized inside the caller's ``jit`` where its layer uses it (``lora_jax.qlora.nf4_dense``). Extra ``kwargs`` (e.g. ``method=`` or ``rngs=``) go to ``apply_fn``.
 
     Raises:
         TypeError: ``apply_fn`` is not callable.
@@ -288,11 +316,13 @@ def lora_apply(apply_fn: Callable[..., Any], *, strict: bool = True) -> Callable
 
     def forward(params: Any, adapter: Adapter | AdapterSet | None, *args: Any, dropout_rng: jax.Array | None = None,
                 adapter_names: Any = None, **kwargs: Any) -> Any:
-        params = dequantize_params(params)  # a QLoRA base: NF4 kernels, dequantized here, inside the caller's jit
         if adapter is None:
             if adapter_names is not None:
                 raise TypeError("adapter_names needs an AdapterSet; adapter is None.")
-            return apply_fn({"params": params}, *args, **kwargs)
+            if not has_nf4(params):
+                return apply_fn({"params": params}, *args, **kwargs)
+            with _intercepted({}, set(), strict):  # a QLoRA base alone: its NF4 kernels through nf4_dense
+                return apply_fn({"params": params}, *args, **kwargs)
         with lora_interception(adapter, dropout_rng=dropout_rng, strict=strict, adapter_names=adapter_names):
             return apply_fn({"params": params}, *args, **kwargs)
 

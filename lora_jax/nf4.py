@@ -171,7 +171,7 @@ def _quantize_blocks_8bit(values: np.ndarray, block_size: int) -> tuple[np.ndarr
     return codes.reshape(-1)[:n].astype(np.uint8), absmax
 
 
-def _check_block_size(block_size: int) -> None:
+def check_block_size(block_size: int) -> None:
     if block_size not in BLOCK_SIZES:
         raise ValueError(
             f"block_size={block_size!r} is not one bitsandbytes accepts for 4-bit quantization; "
@@ -225,17 +225,24 @@ class NF4Tensor:
         scaled = jnp.where(scaled == scaled, scaled, jnp.float32(0))
         return scaled + self.offset
 
-    def dequantize(self, dtype: Any = None) -> jax.Array:
+    def dequantize(self, dtype: Any = None, *, after: jax.Array | None = None) -> jax.Array:
         """``bitsandbytes.functional.dequantize_4bit`` for this tensor: ``code * absmax`` in float32, then ``dtype``.
 
         Args:
             dtype: output dtype; default the input's.
+            after: an array this dequantization must wait for, e.g. the layer's input. ``int(0 * after[0])``
+                is added to the codes, which changes nothing for a finite ``after`` but stops XLA from running
+                the dequantization before ``after`` exists, or from merging it with another dequantization of
+                the same codes (XLA's CPU pipeline drops optimization barriers before it schedules, so they
+                cannot do this). XLA does not simplify ``0 * a`` for floats.
 
         Returns:
             An array of ``self.shape``.
         """
         n, bs = self.size, self.block_size
         codes = self.codes.astype(jnp.int32)
+        if after is not None:  # an int zero XLA cannot see through: 0 * a is not simplified for floats
+            codes = codes + (jnp.zeros((), jnp.float32) * jnp.reshape(after, -1)[0].astype(jnp.float32)).astype(jnp.int32)
         nibbles = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(-1)[:n]
         values = jnp.asarray(NF4_VALUES)[nibbles]
         blocks = -(n // -bs)
@@ -260,7 +267,7 @@ def quantize_nf4(x: Any, *, block_size: int = 64, double_quant: bool = True) -> 
     Raises:
         ValueError: for a block size bitsandbytes does not accept, another dtype, or an empty tensor.
     """
-    _check_block_size(block_size)
+    check_block_size(block_size)
     array = np.asarray(x)
     if array.dtype not in INPUT_DTYPES:
         raise ValueError(f"quantize_nf4 takes float32, bfloat16 or float16 (as bitsandbytes), got {array.dtype}.")

@@ -23,10 +23,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.nf4 import NF4Tensor, quantize_nf4
 
@@ -80,3 +83,86 @@ def dequantize_params(params: Any, dtype: Any = None) -> Any:
         return params
     return jax.tree_util.tree_map(lambda leaf: leaf.dequantize(dtype).T if _is_nf4(leaf) else leaf, params,
                                   is_leaf=_is_nf4)
+
+
+def has_nf4(params: Any) -> bool:
+    """True when ``params`` holds at least one ``NF4Tensor``."""
+    return any(_is_nf4(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=_is_nf4))
+
+
+def float_shapes(params: Any) -> Any:
+    """``params`` with each ``NF4Tensor`` replaced by a ``jax.ShapeDtypeStruct`` of the (in, out) kernel it stands for.
+
+    What shape-only readers (``init_lora``, ``lora_param_count``, ``load_adapter``) see of a QLoRA base.
+
+    >>> import numpy as np
+    >>> float_shapes({"up": {"kernel": quantize_nf4(np.zeros((4, 64), np.float32))}})["up"]["kernel"].shape
+    (64, 4)
+    """
+    return jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape[::-1], leaf.dtype) if _is_nf4(leaf) else leaf, params,
+        is_leaf=_is_nf4)
+
+
+def _zero_cotangent(leaf: Any) -> Any:
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return jnp.zeros_like(leaf)
+    return np.zeros(leaf.shape, jax.dtypes.float0)  # integer leaves (the codes) take float0 cotangents
+
+
+def _contract_last(x: jax.Array, w: jax.Array, w_axis: int, precision: Any) -> jax.Array:
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (w_axis,)), ((), ())), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _nf4_matmul(x: jax.Array, kernel: NF4Tensor, dtype: Any, precision: Any) -> jax.Array:
+    # after=x: dequantized when this layer runs, not hoisted to the start of the step (docs/qlora.md)
+    w = kernel.dequantize(dtype, after=x)  # (out, in), a temporary of this layer
+    return _contract_last(x, w, 1, precision)  # x (..., in) . W (out, in) -> (..., out)
+
+
+def _nf4_matmul_fwd(x, kernel, dtype, precision):
+    return _nf4_matmul(x, kernel, dtype, precision), kernel  # the residual is the NF4 kernel, never W
+
+
+def _nf4_matmul_bwd(dtype, precision, kernel, dy):
+    # Dequantize again for dx = dy W, after dy: a new temporary in the backward pass, not the forward's W kept.
+    w = kernel.dequantize(dtype, after=dy)
+    dx = _contract_last(dy, w, 0, precision)  # (..., out) . W (out, in) -> (..., in)
+    return dx, jax.tree_util.tree_map(_zero_cotangent, kernel)
+
+
+_nf4_matmul.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)
+
+
+def nf4_dense(x: jax.Array, kernel: NF4Tensor, bias: Any = None, *, dtype: Any = None, precision: Any = None
+              ) -> jax.Array:
+    """``x W + b`` for an NF4 kernel, as ``flax.linen.Dense`` computes it with the dequantized (in, out) kernel.
+
+    ``W`` is dequantized where it is used, in ``dtype``, and again in the backward pass (a ``custom_vjp``
+    whose residual is the NF4 kernel), so the full-precision kernel is only ever a temporary. The
+    kernel gets no gradient: QLoRA trains the adapter only.
+
+    Args:
+        x: (..., in) inputs.
+        kernel: the ``NF4Tensor`` of the (out, in) weight (``quantize_params``' layout).
+        bias: (out,) or None.
+        dtype: compute dtype (a Dense's ``dtype``); None promotes ``x``, the kernel's dtype and ``bias``.
+        precision: the matmul precision.
+
+    >>> import numpy as np
+    >>> w = np.linspace(-1, 1, 64 * 3, dtype=np.float32).reshape(64, 3)   # (in, out)
+    >>> q = quantize_nf4(w.T)
+    >>> y = nf4_dense(np.ones((2, 64), np.float32), q)
+    >>> y.shape, bool(np.allclose(y, np.ones((2, 64)) @ np.asarray(q.dequantize()).T, atol=1e-6))
+    ((2, 3), True)
+    """
+    if x.shape[-1] != kernel.shape[1]:
+        raise ValueError(f"nf4_dense: inputs have {x.shape[-1]} features but the NF4 kernel {kernel.shape} is "
+                         f"(out, in) = {kernel.shape}; quantize the transposed Dense kernel (quantize_params does).")
+    if dtype is None:
+        dtype = jnp.result_type(x.dtype, kernel.dtype, *(() if bias is None else (jnp.asarray(bias).dtype,)))
+    y = _nf4_matmul(jnp.asarray(x, dtype), kernel, np.dtype(dtype), precision)
+    if bias is not None:
+        y = y + jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y

@@ -20,7 +20,10 @@ import numpy as np
 
 from lora_jax.atomic_files import atomic_write, atomic_write_text
 from lora_jax.gpt2.model import GPT2Config, Params, _read_hf_config
+from lora_jax.gpt2.quantized_checkpoint import split_4bit_tensors
 from lora_jax.lora_tree import nest
+from lora_jax.nf4 import NF4Tensor, check_block_size
+from lora_jax.qlora import quantize_params
 
 _PREFIX = "transformer."
 # Buffers HF may store: the causal mask and its fill value, rebuilt by every model.
@@ -58,26 +61,69 @@ def hf_layout(config: GPT2Config) -> dict[str, tuple[tuple[str, ...], tuple[int,
     return {key: (("transformer", *path), shape) for key, (path, shape) in layout.items()}
 
 
-def load_gpt2(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float32) -> tuple[GPT2Config, Params]:
+QUANTIZE_CHOICES = (None, "nf4")
+
+
+def load_gpt2(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float32, quantize: str | None = None,
+              block_size: int = 64, double_quant: bool = True) -> tuple[GPT2Config, Params]:
     """Loads a HF GPT-2 checkpoint as ``(config, params)`` for ``GPT2(config)``.
 
     Args:
         path_or_hub_id: A directory with ``config.json`` and ``model.safetensors`` (sharded or
             not) or ``pytorch_model.bin``; or a hub id such as ``"gpt2"`` (needs network).
-        dtype: Parameter dtype of the returned tree.
+        dtype: Parameter dtype of the returned tree (of the float leaves, and the dtype the NF4
+            kernels are quantized from and dequantize to).
+        quantize: None for float weights; ``"nf4"`` for a QLoRA base: every Dense kernel that
+            transformers' 4-bit loading quantizes (``c_attn``, ``c_proj``, ``c_fc`` in each block) becomes
+            ``lora_jax.qlora.quantize_params``' ``NF4Tensor`` of the (out, in) weight, bit for bit what
+            bitsandbytes makes; embeddings (the tied head), LayerNorms and biases stay float. A checkpoint
+            saved by transformers from a 4-bit model is read as stored (never re-quantized) after its
+            statistics are checked against its codes (``lora_jax.gpt2.quantized_checkpoint``).
+        block_size: NF4 block size (bitsandbytes' and transformers' 64).
+        double_quant: quantize the block statistics again (``bnb_4bit_use_double_quant``).
 
     Raises:
         FileNotFoundError: The directory lacks a config or weights file.
         ValueError: The config uses an option this model lacks (see ``GPT2Config.from_hf``); keys
-            are missing, unexpected or mis-shaped; or the LM head is not tied.
+            are missing, unexpected or mis-shaped; the LM head is not tied; ``quantize`` is not one of
+            ``QUANTIZE_CHOICES``, or a block size bitsandbytes refuses; a 4-bit checkpoint without
+            ``quantize="nf4"``, stored with another block size or double quantization than asked, or
+            whose statistics do not match its codes.
         OSError: A hub id could not be downloaded (offline, unknown id).
     """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r} is not supported; use None (float weights) or 'nf4' (QLoRA's "
+                         "4-bit NormalFloat, as bitsandbytes makes it).")
+    if quantize is not None:
+        check_block_size(block_size)
     model_dir = resolve_model_dir(path_or_hub_id)
     hf = _read_hf_config(model_dir)
     config = GPT2Config.from_hf(hf)
-    tensors = _checked_tensors(_read_weights(model_dir), config, tied=bool(hf.get("tie_word_embeddings", True)))
-    params = nest({path: jnp.asarray(tensors[key], dtype=dtype) for key, (path, _) in hf_layout(config).items()})
+    raw, stored_4bit = split_4bit_tensors(_read_weights(model_dir))
+    if stored_4bit:
+        _check_stored_4bit(stored_4bit, quantize, block_size, double_quant, model_dir)
+    stored = {key.removeprefix(_PREFIX): q for key, q in stored_4bit.items()}
+    # The shape check sees a stored 4-bit weight as the (in, out) kernel it stands for.
+    shapes = {key: jax.ShapeDtypeStruct(q.shape[::-1], q.dtype) for key, q in stored.items()}
+    tensors = _checked_tensors({**raw, **shapes}, config, tied=bool(hf.get("tie_word_embeddings", True)))
+    params = nest({path: stored[key] if key in stored else jnp.asarray(tensors[key], dtype=dtype)
+                   for key, (path, _) in hf_layout(config).items()})
+    if quantize is not None and not stored:
+        params = quantize_params(params, block_size=block_size, double_quant=double_quant)
     return config, params
+
+
+def _check_stored_4bit(stored: Mapping[str, NF4Tensor], quantize: str | None, block_size: int, double_quant: bool,
+                       model_dir: Path) -> None:
+    if quantize is None:
+        raise ValueError(f"{model_dir} holds a 4-bit (bitsandbytes NF4) checkpoint; load it with quantize='nf4' "
+                         "(and lora_jax.dequantize_params(params) for float kernels).")
+    for name, q in stored.items():
+        if (q.block_size, q.double_quant) != (block_size, double_quant):
+            raise ValueError(
+                f"{model_dir} stores its 4-bit weight {name} with block_size={q.block_size}, "
+                f"double_quant={q.double_quant}, but load_gpt2 was asked for block_size={block_size}, "
+                f"double_quant={double_quant}; a 4-bit checkpoint is loaded as stored, so pass those values.")
 
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
