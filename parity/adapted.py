@@ -63,12 +63,13 @@ class AdaptedPair:
     def peft_model(self) -> Any:
         """The reference: ``peft.get_peft_model`` on a base copy, holding the adapter's values (eval mode).
 
-        Built on first use and kept; treat it as read-only (copy it to train or merge). Raises when PEFT
+        With a 4-bit pair its base is transformers' own 4-bit model (``ModelPair.reference_copy``). Built on
+        first use and kept; treat it as read-only (copy it to train or merge). Raises when PEFT
         builds other modules or ranks than the adapter has (:func:`parity.peft_reference.set_peft_weights`).
         """
         from parity.peft_reference import peft_adapted
 
-        return peft_adapted(self.pair.torch_copy(), self.adapter)
+        return peft_adapted(self.pair.reference_copy(), self.adapter)
 
 
 def random_nonzero_b(adapter: Any, seed: int, params: Any = None) -> Any:
@@ -126,8 +127,9 @@ def adapt(pair: ModelPair, source: Any, *, seed: int = 0) -> AdaptedPair:
     if isinstance(source, Adapter):
         adapter = source
     else:
-        adapter = random_nonzero_b(pair.impl.jax_init_lora(pair.jax_params, config, jax.random.key(seed)), seed + 1,
-                                   params=pair.jax_params)
+        params = pair.jax_float_params()  # a QLoRA base: init and DoRA's norms see the dequantized kernels
+        adapter = random_nonzero_b(pair.impl.jax_init_lora(params, config, jax.random.key(seed)), seed + 1,
+                                   params=params)
     adapter = jax.device_put(adapter, pair.placement.jax_device)
     copy_into_torch(torch_model, adapter_to_named(adapter), adapter_magnitudes(adapter))
     return AdaptedPair(pair=pair, adapter=adapter, torch_model=torch_model)
@@ -202,5 +204,5 @@ def guard_rows(stage: str, adapted: AdaptedPair) -> list[CheckResult]:
     """The rows that make a stage's comparison meaningful: ``B != 0``, and for DoRA ``m != ||W0 + sAB||``."""
     rows = [nonzero_b_row(stage, adapted.adapter)]
     if adapted.config.use_dora:
-        rows.append(dora_magnitude_row(stage, adapted.pair.jax_params, adapted.adapter))
+        rows.append(dora_magnitude_row(stage, adapted.pair.jax_float_params(), adapted.adapter))
     return rows

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from parity.numerics import DEVICES, DTYPES
-from parity.suite import CHECKS, SuiteSettings
+from parity.suite import CHECKS, SuiteSettings, default_checks
 from parity.validation import (
     BadInput,
     check_adapter,
@@ -76,10 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per batch (default 2)")
     parser.add_argument("--seq-len", type=int, default=16, help="tokens per sequence (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the batches, A and B (default 0)")
-    parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
+    parser.add_argument("--checks", default=None,
+                        help=f"comma-separated subset of {','.join(CHECKS)} (and quantization with --quantize; "
+                             "default: every stage that applies)")
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="cpu (default) or gpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32",
                         help="fp32 (TF32 off, highest matmul precision) or bf16 compute (looser tolerances)")
+    parser.add_argument("--quantize", default=None, metavar="nf4",
+                        help="QLoRA: every stage on a 4-bit NF4 base (double-quantized, bitsandbytes' rules) in both "
+                             "halves, PEFT's rows on transformers' 4-bit model, and a quantization stage first; "
+                             "needs bitsandbytes")
     parser.add_argument("--json", default=None, help="write the report as JSON to this file")
     parser.add_argument("--markdown", default=None, help="write the report as Markdown to this file")
     parser.add_argument("--section", default=None,
@@ -126,7 +132,12 @@ def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
         if given:
             raise BadInput(f"--adapter takes targets, rank, alpha, rsLoRA, layers and DoRA from its "
                            f"adapter_config.json; drop {', '.join(given)}.")
-    checks = tuple(part.strip() for part in args.checks.split(",") if part.strip())
+    if args.quantize is not None:
+        from parity.quantized import check_quantize_flags
+
+        check_quantize_flags(args.quantize, device=args.device, dtype=args.dtype, adapters=len(named))
+    checks = default_checks(args.quantize) if args.checks is None else tuple(
+        part.strip() for part in args.checks.split(",") if part.strip())
     _check_loraplus_ratio(args.loraplus_ratio, checks)
     lora = {}
     if args.targets is not None:
@@ -150,7 +161,7 @@ def settings_from_args(args: argparse.Namespace) -> SuiteSettings:
         settings = SuiteSettings(adapter=adapter, adapters=named if len(named) > 1 else (),
                                  combine_weights=weights, steps=args.steps, batch_size=args.batch_size,
                                  seq_len=args.seq_len, seed=args.seed, checks=checks,
-                                 loraplus_ratio=args.loraplus_ratio, **lora)
+                                 loraplus_ratio=args.loraplus_ratio, quantize=args.quantize, **lora)
         if args.adapter is None:
             settings.lora_config()
     except (ValueError, TypeError) as error:
@@ -253,6 +264,10 @@ def validate_inputs(args: argparse.Namespace, settings: SuiteSettings) -> Path:
     check_output_paths(json=args.json, markdown=args.markdown, section=args.section, dump=args.dump)
     check_batch_shape(batch_size=settings.batch_size, seq_len=settings.seq_len, seed=settings.seed)
     check_device(args.device)
+    if settings.quantize is not None:
+        from parity.quantized import check_bitsandbytes
+
+        check_bitsandbytes()
     model_dir, gpt2_config = check_model(args.model)
     check_batch_shape(batch_size=settings.batch_size, seq_len=settings.seq_len, seed=settings.seed,
                       n_positions=gpt2_config["n_positions"], model_dir=model_dir)
@@ -267,7 +282,25 @@ def validate_inputs(args: argparse.Namespace, settings: SuiteSettings) -> Path:
         check_adapter(settings.adapter, gpt2_config, skeleton)
     else:
         check_lora_flags(settings.lora_config(), gpt2_config, skeleton)
+    if settings.quantize is not None:
+        _check_quantized_targets(settings, gpt2_config, skeleton)
     return model_dir
+
+
+def _check_quantized_targets(settings: SuiteSettings, gpt2_config: dict, skeleton) -> None:
+    """With ``--quantize``: no LoRA on the token embedding (from the flags, or in ``--adapter``'s tensors)."""
+    from parity.checkpoint import adapter_factor_shapes
+    from parity.quantized import check_quantize_targets
+    from lora_torch.inject import select_modules
+
+    if settings.adapter is not None:
+        check_quantize_targets(adapter_factor_shapes(settings.adapter, gpt2_config), f"--adapter {settings.adapter}")
+    else:
+        config = settings.lora_config()
+        names = [name for name, _ in select_modules(skeleton, config.target_modules, config.layers_to_transform,
+                                                    config.layers_pattern)]
+        check_quantize_targets(names, "--targets " + (config.target_modules if isinstance(config.target_modules, str)
+                                                      else ",".join(config.target_modules)))
 
 
 def _write_outputs(args: argparse.Namespace, report) -> None:
@@ -305,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from parity.report import render_table
     from parity.suite import run_suite
 
-    pair = load_pair(model_dir, device=args.device, dtype=args.dtype)
+    pair = load_pair(model_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
     report = run_suite(pair, settings, command=command)
     print(render_table(report), end="")
     _write_outputs(args, report)

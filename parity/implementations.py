@@ -84,6 +84,9 @@ class Implementations:
         jax_load_adapter: ``(adapter_dir, params) -> lora_jax.Adapter``.
         torch_save_adapter: ``(model, out_dir) -> None`` writing a PEFT directory.
         torch_load_adapter: ``(base model, adapter_dir) -> model`` with the adapter injected.
+        quantize_torch: ``float GPT2LMHeadModel -> the same model with bitsandbytes Linear4bit (NF4)`` (``--quantize``).
+        quantize_jax: ``float params -> params with NF4Tensor kernels`` (``--quantize``).
+        load_reference_4bit: ``model_dir -> transformers' 4-bit GPT2LMHeadModel``, the PEFT rows' base (``--quantize``).
     """
 
     load_torch: Callable = load_torch_gpt2
@@ -102,3 +105,6 @@ class Implementations:
     jax_load_adapter: Callable = _deferred("lora_jax", "load_adapter")
     torch_save_adapter: Callable = _deferred("lora_torch", "save_adapter")
     torch_load_adapter: Callable = _deferred("lora_torch", "load_adapter")
+    quantize_torch: Callable = _deferred("parity.quantized", "quantize_torch")
+    quantize_jax: Callable = _deferred("parity.quantized", "quantize_jax")
+    load_reference_4bit: Callable = _deferred("parity.quantized", "load_transformers_4bit")

@@ -46,6 +46,8 @@ class ModelPair:
     placement: Placement
     dtype: str
     impl: Implementations
+    quantize: str | None = None
+    reference_model: Any = None
     # Compiled JAX functions by a key naming everything they close over (see ``compiled``).
     compile_cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -64,6 +66,22 @@ class ModelPair:
     def torch_copy(self):
         """A deep copy of the torch base model, free to inject into or merge."""
         return copy.deepcopy(self.torch_model)
+
+    def reference_copy(self):
+        """A deep copy of the base PEFT's reference rows run on: transformers' 4-bit model, else :meth:`torch_copy`."""
+        return self.torch_copy() if self.reference_model is None else copy.deepcopy(self.reference_model)
+
+    def jax_float_params(self) -> Any:
+        """The JAX params with every NF4 kernel dequantized (in, out), bit for bit bitsandbytes'; else ``jax_params``.
+
+        What shape readers and host-side maths use (LoRA init, adapter loading, DoRA norms, merges); the
+        forwards, gradients and training steps run on ``jax_params`` itself, dequantized inside ``jit``.
+        """
+        if self.quantize is None:
+            return self.jax_params
+        from parity.quantized import float_params
+
+        return self.compiled(("float_params",), lambda: float_params(self.jax_params))
 
     def jax_module(self):
         """The Flax ``GPT2`` module at this pair's compute dtype."""
@@ -101,13 +119,15 @@ class ModelPair:
             input_ids: (B, T) token ids.
             params: A params tree (default: the base ``jax_params``; pass merged params here).
             adapter: A ``lora_jax.Adapter`` (its config gives the scale), or None for no LoRA branch.
+
+        A 4-bit pair runs every forward through ``jax_lora_apply``, which dequantizes NF4 kernels inside ``jit``.
         """
         import jax
         import jax.numpy as jnp
 
         params = self.jax_params if params is None else params
         ids = jax.device_put(jnp.asarray(input_ids, dtype=jnp.int32), self.placement.jax_device)
-        if adapter is None:
+        if adapter is None and self.quantize is None:
             key = ("logits", self.dtype)
             forward = self.compiled(key, lambda: jax.jit(lambda p, _, x: self.jax_module().apply({"params": p}, x)))
         else:
@@ -118,7 +138,7 @@ class ModelPair:
 
 
 def load_pair(model: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "fp32",
-              impl: Implementations | None = None) -> ModelPair:
+              impl: Implementations | None = None, quantize: str | None = None) -> ModelPair:
     """Loads one GPT-2 checkpoint into transformers (torch) and into ``lora_jax`` (JAX).
 
     Args:
@@ -127,13 +147,17 @@ def load_pair(model: str | os.PathLike | None = None, *, device: str = "cpu", dt
         device: ``"cpu"`` or ``"gpu"``.
         dtype: ``"fp32"`` or ``"bf16"`` compute.
         impl: The functions to check; default the real ``lora_torch`` / ``lora_jax``.
+        quantize: ``"nf4"`` for a QLoRA base in both halves (``impl.quantize_torch``, ``impl.quantize_jax``)
+            and transformers' 4-bit model as the reference (``impl.load_reference_4bit``); None for float.
 
     Raises:
         FileNotFoundError: The directory (or its config/weights) is missing.
-        ValueError: Not a GPT-2 checkpoint, or an unknown device/dtype.
+        ValueError: Not a GPT-2 checkpoint, an unknown device/dtype, or a ``quantize`` other than ``"nf4"``.
         RuntimeError: ``device="gpu"`` without a GPU visible to both frameworks.
     """
     check_dtype(dtype)
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r} is not supported; use None or 'nf4'.")
     placement = resolve_device(device)
     model_dir = resolve_checkpoint(model)
     hf_config = read_gpt2_config(model_dir)
@@ -142,9 +166,15 @@ def load_pair(model: str | os.PathLike | None = None, *, device: str = "cpu", dt
 
     torch_model = impl.load_torch(model_dir).to(placement.torch_device)
     jax_config, params = impl.load_jax(model_dir)
+    reference = None
+    if quantize is not None:  # each half quantizes its own float weights; the reference is transformers' loading
+        torch_model = impl.quantize_torch(torch_model)
+        params = impl.quantize_jax(params)
+        reference = impl.load_reference_4bit(model_dir)
     params = jax.device_put(params, placement.jax_device)
     return ModelPair(model_dir=model_dir, hf_config=hf_config, torch_model=torch_model, jax_config=jax_config,
-                     jax_params=params, placement=placement, dtype=dtype, impl=impl)
+                     jax_params=params, placement=placement, dtype=dtype, impl=impl, quantize=quantize,
+                     reference_model=reference)
 
 
 def make_batches(pair: ModelPair, *, count: int, batch_size: int, seq_len: int, seed: int) -> list[np.ndarray]:

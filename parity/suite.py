@@ -33,6 +33,8 @@ from parity.checks.many_adapters import (
     load_many,
 )
 from parity.checks.merge import check_merge
+from parity.checks.qlora_merge import check_qlora_merge
+from parity.checks.quantization import check_quantization
 from parity.checks.training import check_training, default_settings
 from parity.environment import describe_environment
 from parity.numerics import parity_numerics
@@ -41,6 +43,17 @@ from parity.report import ParityReport
 from parity.results import EXACT, StageResult, failed
 
 CHECKS = ("base_forward", "injection", "forward_delta", "gradients", "training", "merge", "interchange")
+# With a 4-bit base (``quantize``) the quantization stage runs first (``parity.checks.quantization``).
+QUANTIZED_CHECKS = ("quantization", *CHECKS)
+
+
+def default_checks(quantize: str | None) -> tuple[str, ...]:
+    """Every stage that applies: :data:`QUANTIZED_CHECKS` with a 4-bit base, else :data:`CHECKS`.
+
+    >>> default_checks("nf4")[:2]
+    ('quantization', 'base_forward')
+    """
+    return CHECKS if quantize is None else QUANTIZED_CHECKS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,11 +76,14 @@ class SuiteSettings:
         batch_size: Sequences per batch.
         seq_len: Tokens per sequence.
         seed: Seeds the batches, A and B.
-        checks: Which stages to run, in :data:`CHECKS` order.
+        checks: Which stages to run, in :data:`QUANTIZED_CHECKS` order; None (the default) for every stage
+            that applies (:func:`default_checks`).
         workdir: Where the interchange stage writes its temporary adapters (default: system temp).
         adapters: Named PEFT adapters ``((name, dir), ...)``; with two or more, the stages of
             :data:`parity.checks.many_adapters.MULTI_CHECKS` run after the others (which use ``adapter``).
         combine_weights: The weights of the combination stage, one per adapter (default: equal, 1/K each).
+        quantize: None, or ``"nf4"`` when the pair holds a QLoRA base (``load_pair(quantize="nf4")``); it adds
+            the quantization stage and runs the merge stage as a QLoRA merge (``parity.checks.qlora_merge``).
     """
 
     targets: tuple[str, ...] | str = ("c_attn", "c_proj")
@@ -84,15 +100,24 @@ class SuiteSettings:
     batch_size: int = 2
     seq_len: int = 16
     seed: int = 0
-    checks: tuple[str, ...] = CHECKS
+    checks: tuple[str, ...] | None = None
     workdir: str | os.PathLike | None = None
     adapters: tuple[tuple[str, str], ...] = ()
     combine_weights: tuple[float, ...] | None = None
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = [c for c in self.checks if c not in CHECKS]
+        if self.quantize not in (None, "nf4"):
+            raise ValueError(f"quantize={self.quantize!r} is not supported; use None or 'nf4'.")
+        if self.checks is None:  # a frozen dataclass fills its own default once, here
+            object.__setattr__(self, "checks", default_checks(self.quantize))
+        choices = default_checks(self.quantize)
+        unknown = [c for c in self.checks if c not in choices]
+        if "quantization" in unknown:
+            raise ValueError("The quantization stage compares 4-bit bases; add --quantize nf4, or leave quantization "
+                             "out of --checks.")
         if unknown or not self.checks:
-            raise ValueError(f"Unknown or no checks {unknown or list(self.checks)}; choose from {', '.join(CHECKS)}.")
+            raise ValueError(f"Unknown or no checks {unknown or list(self.checks)}; choose from {', '.join(choices)}.")
         default_settings(self.steps, self.loraplus_ratio)  # validates steps and the ratio before any model work
 
     def lora_config(self) -> Any:
@@ -175,12 +200,15 @@ class _Stages:
         """
         if self.settings.adapter is None:
             return None
-        adapter = self.pair.impl.jax_load_adapter(Path(self.settings.adapter), self.pair.jax_params)
+        adapter = self.pair.impl.jax_load_adapter(Path(self.settings.adapter), self.pair.jax_float_params())
         # Dropout masks cannot match across frameworks; parity compares the deterministic function.
         return dataclasses.replace(adapter, config=dataclasses.replace(adapter.config, dropout=0.0))
 
     def run(self, name: str) -> StageResult:
         return getattr(self, f"_{name}")()
+
+    def _quantization(self) -> StageResult:
+        return check_quantization(self.pair)
 
     def _base_forward(self) -> StageResult:
         return check_base_forward(self.pair, self.input_ids)
@@ -222,6 +250,8 @@ class _Stages:
         return check_training(self.adapted(), batches, default_settings(s.steps, s.loraplus_ratio))
 
     def _merge(self) -> StageResult:
+        if self.pair.quantize is not None:  # merging a 4-bit base dequantizes it (and PEFT's re-quantizes)
+            return check_qlora_merge(self.adapted(), self.input_ids)
         return check_merge(self.adapted(), self.input_ids)
 
     def _interchange(self) -> StageResult:
@@ -257,8 +287,8 @@ def run_check(pair: ModelPair, name: str, settings: SuiteSettings | None = None)
     Raises:
         ValueError: ``name`` is not a known check.
     """
-    if name not in CHECKS:
-        raise ValueError(f"Unknown check {name!r}; choose from {', '.join(CHECKS)}.")
+    if name not in QUANTIZED_CHECKS:
+        raise ValueError(f"Unknown check {name!r}; choose from {', '.join(QUANTIZED_CHECKS)}.")
     settings = settings or SuiteSettings()
     with parity_numerics():
         return _Stages(pair, settings).run(name)
@@ -271,7 +301,7 @@ def run_suite(pair: ModelPair, settings: SuiteSettings | None = None, *, command
     with parity_numerics():
         stages = _Stages(pair, settings)
         arrays["input_ids"] = stages.input_ids
-        for name in CHECKS:
+        for name in QUANTIZED_CHECKS:
             if name in settings.checks:
                 result = _guarded(name, lambda n=name: stages.run(n))
                 rows += result.rows

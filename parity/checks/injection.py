@@ -88,9 +88,13 @@ def spec_label(config: Any) -> str:
 
 
 def _kernel_shape(module: Any) -> tuple[int, ...]:
+    from lora_torch.quantize import is_linear4bit
     from torch import nn
 
-    shape = tuple(module.base_layer.weight.shape)
+    base = module.base_layer
+    if is_linear4bit(base):  # its weight holds packed codes; the kernel it stands for is (in, out)
+        return base.in_features, base.out_features
+    shape = tuple(base.weight.shape)
     return shape[::-1] if isinstance(module.base_layer, nn.Linear) else shape
 
 
@@ -109,7 +113,7 @@ def check_injection(pair: ModelPair, config: Any, *, seed: int = 0, against_peft
 
     label = spec_label(config)
     torch_model = pair.impl.torch_inject(pair.torch_copy(), config)
-    adapter = pair.impl.jax_init_lora(pair.jax_params, config, jax.random.key(seed))
+    adapter = pair.impl.jax_init_lora(pair.jax_float_params(), config, jax.random.key(seed))
     wrappers, named = lora_wrappers(torch_model), adapter_to_named(adapter)
     rows = [compare_exact("injection", f"module names [{label}]", set(wrappers), set(named))]
     trainable = sum(p.numel() for p in torch_model.parameters() if p.requires_grad)
@@ -120,7 +124,7 @@ def check_injection(pair: ModelPair, config: Any, *, seed: int = 0, against_peft
         lora_layer = wrappers[name].lora
         torch_shapes = (tuple(lora_layer.lora_A.shape), tuple(lora_layer.lora_B.shape), _kernel_shape(wrappers[name]),
                         tuple(lora_layer.magnitude.shape) if getattr(lora_layer, "use_dora", False) else None)
-        jax_shapes = (named[name][0].shape, named[name][1].shape, tuple(jax_kernel(pair.jax_params, name).shape),
+        jax_shapes = (named[name][0].shape, named[name][1].shape, tuple(jax_kernel(pair.jax_float_params(), name).shape),
                       magnitudes[name].shape if name in magnitudes else None)
         if torch_shapes != jax_shapes:
             mismatched.append(f"{name}: torch {torch_shapes} vs JAX {jax_shapes}")
@@ -142,7 +146,7 @@ def peft_injection_rows(pair: ModelPair, adapter: Any, label: str) -> list[Check
     names = [f"module names vs peft.get_peft_model [{label}]", f"rank, scaling, DoRA per module vs PEFT [{label}]",
              f"trainable params vs PEFT [{label}]"]
     try:
-        model = peft_model(pair.torch_copy(), adapter.config)
+        model = peft_model(pair.reference_copy(), adapter.config)
     except Exception as error:  # PEFT refusing the config is a disagreement with it
         return [failed("injection", name, EXACT, f"PEFT reference: {type(error).__name__}: {error}") for name in names]
     theirs = peft_module_settings(model)

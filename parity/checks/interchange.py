@@ -21,10 +21,10 @@ from parity.transfer import adapter_leaves, torch_lora_leaves
 
 
 def peft_logits(adapted: AdaptedPair, adapter_dir: Path, input_ids: np.ndarray) -> np.ndarray:
-    """Logits of ``peft.PeftModel.from_pretrained(base copy, adapter_dir)``."""
+    """Logits of ``peft.PeftModel.from_pretrained(base copy, adapter_dir)`` (transformers' 4-bit base with ``--quantize``)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(adapted.pair.torch_copy(), str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(adapted.pair.reference_copy(), str(adapter_dir)).eval()
     return adapted.pair.torch_logits(model, input_ids)
 
 
@@ -34,7 +34,7 @@ def _peft_saved_rows(adapted: AdaptedPair, peft_dir: Path, input_ids: np.ndarray
     adapted.peft_model.save_pretrained(str(peft_dir))
     reference_leaves = peft_leaves(adapted.peft_model)
     reference_logits = pair.torch_logits(adapted.peft_model, input_ids)
-    jax_loaded = pair.impl.jax_load_adapter(peft_dir, pair.jax_params)
+    jax_loaded = pair.impl.jax_load_adapter(peft_dir, pair.jax_float_params())
     torch_loaded = pair.impl.torch_load_adapter(pair.torch_copy(), peft_dir)
     tolerance = tolerance_for("interchange_logits", pair.dtype)
     return [
@@ -75,7 +75,7 @@ def check_interchange(adapted: AdaptedPair, input_ids: np.ndarray, workdir: str 
                                        peft_logits(adapted, jax_dir, input_ids), jax_lora_logits,
                                        tolerance_for("interchange_logits", dtype)))
         pair.impl.torch_save_adapter(adapted.torch_model, torch_dir)
-        jax_loaded = pair.impl.jax_load_adapter(torch_dir, pair.jax_params)  # arrays + the config read back
+        jax_loaded = pair.impl.jax_load_adapter(torch_dir, pair.jax_float_params())  # arrays + the config read back
         rows += [
             compare_named_arrays("interchange", f"torch-saved -> JAX-loaded {leaves}", adapter_leaves(jax_loaded),
                                  torch_lora_leaves(adapted.torch_model), EXACT),
