@@ -8,6 +8,11 @@ equal the LoRA model's::
     python examples/train_gpt2_torch.py                        # embedded base + embedded target text, offline
     python examples/train_gpt2_torch.py --model gpt2 --data my.txt --steps 500
     python examples/train_gpt2_torch.py --model path/to/hf_checkpoint_dir
+    python examples/train_gpt2_torch.py --quantize nf4         # QLoRA: a frozen NF4 base (bitsandbytes)
+
+With ``--quantize nf4`` the base's linear layers become bitsandbytes ``Linear4bit`` (NF4, double
+quantization, float32 compute; ``lora_torch.quantize_base``) before LoRA is injected, and the final
+merge dequantizes them: the merged model is full precision.
 
 Outputs under ``--out``: ``adapter/`` (PEFT format: ``peft.PeftModel.from_pretrained`` loads it),
 ``lora_weights.safetensors`` and ``results.json``.
@@ -29,10 +34,12 @@ from tqdm import tqdm
 from transformers import GPT2LMHeadModel
 
 from lora_torch import (
+    BitsandbytesMissingError,
     freeze_base_model,
     inject_lora,
     merge_lora_weights,
     print_trainable_parameters,
+    quantize_base,
     save_adapter,
     save_lora_weights,
 )
@@ -65,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
+    p.add_argument("--quantize", choices=["nf4"], default=None,
+                   help="QLoRA: quantize the base to 4-bit NF4 with bitsandbytes before injecting LoRA")
     args = p.parse_args(argv)
     positive = ("rank", "steps", "batch_size", "seq_len", "sample_tokens")
     problems = [f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}" for n in positive
@@ -195,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return EXIT_BAD_SETTINGS
 
+    if args.quantize == "nf4":
+        try:
+            quantize_base(model)
+        except BitsandbytesMissingError as error:
+            print(f"error: --quantize nf4: {error}", file=sys.stderr)
+            return EXIT_BAD_SETTINGS
     inject_lora(model, [t.strip() for t in args.targets.split(",") if t.strip()], args.rank, args.alpha,
                 dropout=args.dropout)
     freeze_base_model(model)
@@ -213,12 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     sample = generate(model, prompt, args.sample_tokens, sample=True)
     print(f"sample: {tokenizer.decode(prompt[0].tolist())!r} -> {tokenizer.decode(sample)!r}")
     lora_greedy = generate(model, prompt, args.sample_tokens, sample=False)
-    merge_lora_weights(model)
+    merge_lora_weights(model)  # with --quantize nf4 this dequantizes: W = dequantize(W_nf4) + s B A
     merged_greedy = generate(model, prompt, args.sample_tokens, sample=False)
     match = merged_greedy == lora_greedy
     print(MERGE_CHECK_LINE.format(match))
 
-    results = {"model": model_name, "trainable": counts["trainable"], "total": counts["total"],
+    results = {"model": model_name, "quantize": args.quantize, "trainable": counts["trainable"],
+               "total": counts["total"],
                "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
                "train_loss_first": losses[0], "train_loss_last": losses[-1], "merged_greedy_match": match}
     with atomic_destination(args.out / "results.json") as tmp:  # a crash leaves no half-written file

@@ -118,10 +118,10 @@ def select_quantized(model: nn.Module, target_modules: TargetModules | None = No
 def check_quantize_settings(block_size: int, double_quant: bool, compute_dtype: torch.dtype) -> None:
     """Raises a ValueError / TypeError naming the bad setting.
 
-    >>> check_quantize_settings(100, True, torch.float32)
+    >>> check_quantize_settings(100, True, torch.float32)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: block_size=100 is not one bitsandbytes accepts; use one of (32, 64, 128, 256, 512, 1024, 2048, 4096) (64, the QLoRA default, is what transformers' 4-bit loading uses).
+    ValueError: block_size=100 is not one bitsandbytes accepts; use one of (32, 64, 128, 256, 512, 1024, 2048, ...
     """
     if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size={block_size!r} is not one bitsandbytes accepts; use one of {BLOCK_SIZES} "
@@ -175,6 +175,9 @@ def linear4bit(weight: torch.Tensor, bias: torch.Tensor | None, *, block_size: i
                                      module=layer).to(weight.device)
     layer.bias = bias
     layer.source_cls = source_cls  # as transformers records it: a Conv1D source merges back into a Conv1D
+    # bitsandbytes' AVX512-BF16 CPU repack (eval, no grad) rounds absmax to bfloat16 in place, and its kernel has
+    # no autograd: a training step after an eval pass would lose the gradient through this layer's input.
+    layer.support_avx512bf16_for_cpu = False
     return layer
 
 
@@ -191,7 +194,9 @@ def quantize_base(model: nn.Module, *, block_size: int = 64, double_quant: bool 
     ``from_pretrained(dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True,
     bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))``.
 
-    Every check runs first, so an error leaves ``model`` unchanged.
+    One difference from transformers' layers, in how they run, not in their bytes: bitsandbytes'
+    AVX512-BF16 CPU repacking is off (``linear4bit``), so eval and training compute the same weight and
+    gradients always flow. Every check runs first, so an error leaves ``model`` unchanged.
 
     Args:
         model: a full-precision model without LoRA (modified in place).
@@ -276,9 +281,10 @@ class Linear4bitWithLoRA(LinearWithLoRA):
 
     The branch's parameters are float32 (as PEFT's), on the base's device; its input is cast to them and
     its output back to the base output's dtype. ``base_weight()`` dequantizes, so merge and DoRA see
-    ``dequantize_4bit(W)``. The wrapper turns off bitsandbytes' AVX512-BF16 CPU repacking of this base:
-    that repack rounds absmax to bfloat16 in place and its kernel has no autograd, so a training step
-    after an eval forward would silently drop the gradient through the base.
+    ``dequantize_4bit(W)``. The wrapper turns off bitsandbytes' AVX512-BF16 CPU repacking of a base
+    from transformers' loading too (``quantize_base``'s have it off): that repack rounds absmax to
+    bfloat16 in place and its kernel has no autograd, so a training step after an eval forward would
+    silently drop the gradient through the base.
     """
 
     def __init__(self, linear: nn.Module, rank: int = 8, lora_alpha: float = 16.0, **kwargs) -> None:

@@ -81,3 +81,47 @@ def test_heldout_loss_in_batches_equals_one_pass(example, base_dir):
     batched = example.heldout_loss(model, ids, 16, "cpu", batch_size=2)  # batches of 2, 2, 1 windows
     assert math.isfinite(one_pass)
     assert batched == pytest.approx(one_pass, rel=1e-6)  # a window-weighted mean: equal up to fp32 rounding
+
+
+@pytest.fixture(scope="module")
+def qlora_run(base_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path_factory.mktemp("torch_qlora_run")
+    argv = [sys.executable, str(SCRIPT), "--model", str(base_dir), "--out", str(out), "--steps", "4",
+            "--batch-size", "2", "--seq-len", "16", "--rank", "2", "--sample-tokens", "8", "--lr", "1e-2",
+            "--quantize", "nf4", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env), out
+
+
+def test_quantize_nf4_trains_on_a_4bit_base_and_merges_to_full_precision(qlora_run, base_dir):
+    proc, out = qlora_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "quantize_base: 4 layers to bitsandbytes" in proc.stderr  # c_attn, attn/mlp c_proj, c_fc of 1 block
+    assert "trainable params: 704 ||" in proc.stdout  # the same LoRA as without --quantize
+    # The merge dequantizes; the dense merged model's greedy tokens equal the QLoRA model's.
+    assert "merged greedy tokens match the LoRA model: True" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["quantize"] == "nf4" and results["merged_greedy_match"] is True
+    assert math.isfinite(results["heldout_loss_after"])
+    # A QLoRA adapter is an ordinary PEFT adapter: it loads onto the full-precision base.
+    model = load_adapter(GPT2LMHeadModel.from_pretrained(base_dir), out / "adapter")
+    assert len(lora_module_names(model)) == 3
+    assert torch.count_nonzero(model.transformer.h[0].attn.c_attn.lora.lora_B).item() > 0
+
+
+def test_quantize_other_than_nf4_exits_with_code_2(example, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(["--quantize", "fp4"])
+    assert exit_info.value.code == 2
+    assert "argument --quantize: invalid choice: 'fp4' (choose from" in capsys.readouterr().err
+
+
+def test_quantize_without_bitsandbytes_exits_with_code_2(example, base_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    code = example.main(["--model", str(base_dir), "--out", str(tmp_path), "--quantize", "nf4", "--seq-len", "16",
+                         "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error: --quantize nf4: QLoRA needs bitsandbytes" in err and 'pip install "bitsandbytes>=0.45,<0.51"' in err
+    assert not (tmp_path / "results.json").exists()

@@ -283,7 +283,7 @@ def test_a_mixed_batch_of_two_adapters_on_the_4bit_base(tiny_gpt2_dir):
     with adapter_names(model, ["default", "b", "__base__"]):
         mixed = logits(model, ids)
     for i, expected in enumerate(rows):
-        # Row i through its own adapter in a sub-batch: float32 summation order only, measured < 1e-7.
+        # Row i through its own adapter in a sub-batch: float32 summation order only, so 1e-6.
         torch.testing.assert_close(mixed[i], expected[i], atol=1e-6, rtol=0)
     assert (rows[0][0] - rows[2][0]).abs().max().item() > 1e-3 and (rows[1][1] - rows[2][1]).abs().max() > 1e-3
 
@@ -326,7 +326,7 @@ def test_qlora_training_learns_and_leaves_the_4bit_base_unchanged(tiny_gpt2_dir)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05  # measured 4.63 -> 4.21
+    assert losses[-1] < losses[0] - 0.05  # measured 4.61 -> 4.40
     for name, (codes, absmax) in before.items():  # train-mode forwards never repack the bytes
         layer = model.get_submodule(name).base_layer
         assert torch.equal(layer.weight.data, codes) and torch.equal(layer.weight.quant_state.absmax, absmax)
