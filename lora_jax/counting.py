@@ -30,23 +30,30 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from lora_jax.config import LoraConfig
 from lora_jax.initialize import factor_shapes
+from lora_jax.nf4 import NF4Tensor, quantize_nf4
 
 
 def count_params(tree: Any) -> int:
     """The number of scalars in a pytree of arrays or ``ShapeDtypeStruct`` (a Python number counts 1).
 
-    An ``Adapter`` counts its arrays; its config is static data, not counted.
+    An ``Adapter`` counts its arrays; its config is static data, not counted. An ``NF4Tensor`` (a QLoRA
+    base) counts the values it stands for, not its bytes of codes and statistics.
+
+    >>> count_params({"kernel": quantize_nf4(np.zeros((8, 64), np.float32))})
+    512
     """
-    return sum(math.prod(getattr(leaf, "shape", ())) for leaf in jax.tree_util.tree_leaves(tree))
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda leaf: isinstance(leaf, NF4Tensor))
+    return sum(math.prod(getattr(leaf, "shape", ())) for leaf in leaves)
 
 
 def lora_param_count(params: Mapping[str, Any], config: LoraConfig) -> int:
     """Trainable LoRA scalars ``sum r * (in + out)`` over the modules ``config`` targets, each at its own rank.
 
-    DoRA adds each module's magnitude vector, ``out`` more scalars.
+    ``params`` may be a QLoRA base (NF4 kernels). DoRA adds each module's magnitude vector, ``out`` more scalars.
 
     Raises:
         ValueError: As ``lora_jax.initialize.factor_shapes``.

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 from lora_jax.adapter import Adapter
 from lora_jax.config import LoraConfig
 from lora_jax.delta import lora_delta
+from lora_jax.nf4 import NF4Tensor
+from lora_jax.qlora import float_shapes
 from lora_jax.lora_tree import EMBEDDING_A, EMBEDDING_B, LORA_A, LORA_B, LORA_MAGNITUDE, ModulePath, get_module, nest
 from lora_jax.targets import dotted_name, is_embedding, target_kernel_shapes
 
@@ -72,7 +74,8 @@ def factor_shapes(params: Mapping[str, Any], config: LoraConfig) -> dict[ModuleP
     {('q',): (8, 8, 2), ('v',): (8, 4, 3)}
     """
     shapes = {}
-    for path, (fan_in, fan_out) in target_kernel_shapes(params, config).items():
+    # A QLoRA base's NF4 kernels hold the (out, in) weight; the factors follow the (in, out) kernel.
+    for path, (fan_in, fan_out) in target_kernel_shapes(float_shapes(params), config).items():
         rank = config.module_rank(dotted_name(path))
         if rank > min(fan_in, fan_out):
             raise ValueError(
@@ -91,7 +94,8 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
 
     Args:
         params: A Flax params pytree; only kernel shapes are read, so ``ShapeDtypeStruct``
-            leaves work under ``jax.eval_shape``.
+            leaves work under ``jax.eval_shape``. A QLoRA base (NF4 kernels, ``quantize_params`` or
+            ``load_gpt2(..., quantize="nf4")``) works as it is; DoRA dequantizes its kernels for the norms.
         config: Which modules to adapt, and each module's rank (``rank``, or ``rank_pattern``'s).
         key: A ``jax.random.key``.
 
@@ -119,6 +123,8 @@ def init_lora(params: Mapping[str, Any], config: LoraConfig, key: jax.Array) -> 
         entries[path] = {LORA_A: a, LORA_B: b}
         if config.use_dora:
             kernel = get_module(params, path)["kernel"]
+            if isinstance(kernel, NF4Tensor):
+                kernel = kernel.dequantize().T
             entries[path][LORA_MAGNITUDE] = jnp.linalg.norm(
                 jnp.asarray(kernel, jnp.float32) + lora_delta(a, b, config.module_scaling(dotted_name(path))), axis=0)
     return Adapter(nest(entries), config)

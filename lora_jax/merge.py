@@ -31,6 +31,7 @@ from lora_jax.adapter import Adapter, checked_modules
 from lora_jax.delta import lora_delta
 from lora_jax.dora import merged_kernel, unmerged_kernel, weight_norm
 from lora_jax.lora_tree import ModulePath, get_module
+from lora_jax.qlora import dequantize_params, has_nf4, requantize_like
 from lora_jax.targets import dotted_name
 
 _log = logging.getLogger(__name__)
@@ -88,29 +89,41 @@ def _new_kernel(kernel: Any, adapter: Adapter, path: ModulePath, sign: float, no
     return new.astype(kernel.dtype)
 
 
-def merge(params: Mapping[str, Any], adapter: Adapter) -> dict[str, Any]:
+def merge(params: Mapping[str, Any], adapter: Adapter, *, requantize: bool = False) -> dict[str, Any]:
     """Returns params whose adapted kernels are ``W0 + s A B``; the result has no LoRA branch.
 
     A DoRA module's kernel becomes ``(m / ||V||_c) * V`` with ``V = W0 + s A B`` (``lora_jax.dora``). An
     embedding's table becomes ``E + s A B``; a head tied to it (GPT-2) then changes too, as in PEFT,
     which is logged as a warning.
 
+    A QLoRA base (NF4 kernels) is dequantized first, bit for bit as bitsandbytes does, so the result is
+    the full-precision model ``dequantize_params(params)`` merged: exactly ``merge(dequantize_params(params),
+    adapter)``. With ``requantize`` the kernels that were NF4 are quantized again, with their block size and
+    double quantization: a 4-bit merged model, which rounds ``s A B`` into the NF4 grid (docs/qlora.md
+    measures the loss).
+
     Args:
-        params: The base params (not modified).
+        params: The base params (not modified); float or a QLoRA base.
         adapter: An ``Adapter`` for these params; its config supplies each module's scaling.
+        requantize: Quantize the merged kernels that were NF4 in ``params`` again.
 
     Raises:
         TypeError: ``adapter`` is not an ``Adapter``.
         ValueError: A LoRA module is missing from params, its shapes do not fit the kernel, or
-            they disagree with the adapter's rank.
+            they disagree with the adapter's rank; ``requantize`` with params that hold no NF4 kernel.
     """
+    if requantize and not has_nf4(params):
+        raise ValueError("merge(..., requantize=True) re-quantizes the NF4 kernels of a QLoRA base, and these params "
+                         "hold none; drop requantize, or call lora_jax.quantize_params(merged) to quantize a float model.")
+    quantized, params = params, dequantize_params(params)
     kernels = _checked_kernels(params, adapter)
     if adapter.embeddings():
         _log.warning(
             "merging LoRA into the embeddings %s: a model whose output head is tied to such a table (GPT-2's wte) "
             "then applies the update in the head too, so merged logits differ from unmerged ones; PEFT's "
             "merge_and_unload does the same (docs/variants.md).", [dotted_name(p) for p in adapter.embeddings()])
-    return _with_kernels(params, {path: _new_kernel(k, adapter, path, 1.0, None) for path, k in kernels.items()})
+    merged = _with_kernels(params, {path: _new_kernel(k, adapter, path, 1.0, None) for path, k in kernels.items()})
+    return requantize_like(merged, quantized) if requantize else merged
 
 
 def dora_weight_norms(params: Mapping[str, Any], adapter: Adapter) -> dict[ModulePath, Any]:
@@ -122,7 +135,7 @@ def dora_weight_norms(params: Mapping[str, Any], adapter: Adapter) -> dict[Modul
     Raises:
         TypeError, ValueError: As ``merge``.
     """
-    kernels = _checked_kernels(params, adapter)
+    kernels = _checked_kernels(dequantize_params(params), adapter)
     modules = adapter.modules()
     return {path: weight_norm(kernels[path], *modules[path], adapter.scaling(path)) for path in adapter.magnitudes()}
 
@@ -139,6 +152,7 @@ def unmerge(merged: Mapping[str, Any], adapter: Adapter, *, weight_norms: Mappin
     Raises:
         ValueError: As ``merge``, or a DoRA adapter without ``weight_norms`` for each of its modules.
     """
+    merged = dequantize_params(merged)  # a re-quantized merge: W0 comes back only up to the NF4 rounding
     kernels = _checked_kernels(merged, adapter)
     dora = adapter.magnitudes()
     if dora and (weight_norms is None or any(path not in weight_norms for path in dora)):

@@ -6,10 +6,12 @@
 checkpoint equal the torch model's byte for byte. Embeddings (GPT-2's tied head included),
 LayerNorms and biases stay as they are, as transformers keeps them.
 
-``lora_apply`` (and so ``lm_loss`` and ``make_train_step``) accepts such a tree as ``params``: it
-dequantizes the NF4 kernels at trace time, inside the caller's ``jit``, so the step's inputs are the
-uint8 codes and statistics and the full-precision kernels exist only as temporaries of the
-compiled program. Gradients flow only to the adapter, as always.
+``lora_apply`` (and so ``lm_loss`` and ``make_train_step``) accepts such a tree as ``params``: each
+``Dense`` with an NF4 kernel runs ``nf4_dense``, which dequantizes the kernel inside the caller's ``jit``
+where the layer uses it, and again in the backward pass (a ``custom_vjp`` whose residual is the codes).
+The step's inputs are the uint8 codes and statistics; a full-precision kernel exists only as one layer's
+temporary (docs/qlora.md measures it). Gradients flow only to the adapter, as always. ``merge``
+dequantizes, and ``init_lora`` and the parameter counts accept such a tree directly.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -75,14 +77,35 @@ def quantize_params(params: Mapping[str, Any], *, block_size: int = 64, double_q
 def dequantize_params(params: Any, dtype: Any = None) -> Any:
     """``params`` with each ``NF4Tensor`` kernel dequantized (bit for bit as bitsandbytes) and transposed back to (in, out).
 
-    A tree without NF4 leaves is returned as it is. Call it inside ``jit`` (``lora_apply`` does) so the
-    full-precision kernels stay temporaries of the compiled program.
+    A tree without NF4 leaves is returned as it is. For a float copy of the model (merging, sampling,
+    export); training does not need it, ``lora_apply`` dequantizes each kernel where it is used.
     """
     leaves = jax.tree_util.tree_leaves(params, is_leaf=_is_nf4)
     if not any(_is_nf4(leaf) for leaf in leaves):
         return params
     return jax.tree_util.tree_map(lambda leaf: leaf.dequantize(dtype).T if _is_nf4(leaf) else leaf, params,
                                   is_leaf=_is_nf4)
+
+
+def requantize_like(params: Any, quantized: Any) -> Any:
+    """``params`` (float) with each kernel that is an ``NF4Tensor`` in ``quantized`` quantized again the same way.
+
+    The same path, block size, double quantization and dtype; other leaves are kept from ``params``. It is
+    how ``merge(..., requantize=True)`` returns a 4-bit merged model.
+
+    >>> import numpy as np
+    >>> params = {"up": {"kernel": np.linspace(-1, 1, 64 * 2, dtype=np.float32).reshape(64, 2)}}
+    >>> q = quantize_params(params, block_size=128, double_quant=False)
+    >>> again = requantize_like(dequantize_params(q), q)["up"]["kernel"]
+    >>> again.block_size, again.double_quant, bool(np.array_equal(again.codes, q["up"]["kernel"].codes))
+    (128, False, True)
+    """
+    def again(old: Any, new: Any) -> Any:
+        if not _is_nf4(old):
+            return new
+        return quantize_nf4(jnp.asarray(new, old.dtype).T, block_size=old.block_size, double_quant=old.double_quant)
+
+    return jax.tree_util.tree_map(again, quantized, params, is_leaf=_is_nf4)
 
 
 def has_nf4(params: Any) -> bool:

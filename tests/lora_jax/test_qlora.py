@@ -86,3 +86,53 @@ def test_quantizing_twice_or_nothing_is_refused(quantized):
         lora_jax.quantize_params(quantized)
     with pytest.raises(ValueError, match="no 2-D 'kernel'"):
         lora_jax.quantize_params({"ln": {"scale": jnp.ones(4)}})
+
+
+def _trained_adapter(params, use_dora=False):
+    """A non-identity adapter (B random, PEFT's init_lora_weights=False) so a merge moves the kernels."""
+    config = lora_jax.LoraConfig(rank=4, alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False,
+                                 use_dora=use_dora)
+    return lora_jax.init_lora(params, config, jax.random.key(3))
+
+
+def test_init_lora_and_counts_accept_an_nf4_base_directly(gpt2, quantized):
+    params = gpt2[1]
+    for use_dora in (False, True):
+        config = lora_jax.LoraConfig(rank=4, target_modules=["c_attn", "c_fc"], use_dora=use_dora)
+        from_nf4 = lora_jax.init_lora(quantized, config, jax.random.key(0))
+        # the factors depend on shapes and the key only; DoRA's magnitudes on the (dequantized) kernels
+        expected = lora_jax.init_lora(lora_jax.dequantize_params(quantized), config, jax.random.key(0))
+        for a, b in zip(jax.tree_util.tree_leaves(from_nf4), jax.tree_util.tree_leaves(expected), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert lora_jax.lora_param_count(quantized, config) == lora_jax.lora_param_count(params, config)
+    assert lora_jax.count_params(quantized) == lora_jax.count_params(params)  # values, not bytes of codes
+
+
+def test_merge_of_an_nf4_base_is_the_merge_of_its_dequantized_kernels(gpt2, quantized):
+    adapter = _trained_adapter(gpt2[1])
+    merged = lora_jax.merge(quantized, adapter)
+    expected = lora_jax.merge(lora_jax.dequantize_params(quantized), adapter)
+    for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(expected), strict=True):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_array_equal(a, b)  # the same float computation: bit for bit
+    # the merged float model computes the QLoRA forward: fp32, x(W0 + sAB) vs xW0 + s(xA)B, ~1e-6 on logits ~1
+    np.testing.assert_allclose(jax_logits(gpt2, None, IDS, params=merged),
+                               jax_logits(gpt2, adapter, IDS, params=quantized), atol=1e-5, rtol=0)
+
+
+def test_requantized_merge_is_nf4_with_the_base_settings_and_a_measured_loss(gpt2):
+    params = gpt2[1]
+    base = lora_jax.quantize_params(params, block_size=128, double_quant=False)
+    adapter = _trained_adapter(params)
+    merged = lora_jax.merge(base, adapter)
+    again = lora_jax.merge(base, adapter, requantize=True)
+    kernels = [leaf for leaf in jax.tree_util.tree_leaves(again, is_leaf=lambda x: isinstance(x, NF4Tensor))
+               if isinstance(leaf, NF4Tensor)]
+    assert len(kernels) == 8 and {(k.block_size, k.double_quant) for k in kernels} == {(128, False)}
+    error = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(lora_jax.dequantize_params(again)),
+                                                         jax.tree_util.tree_leaves(merged)))
+    # NF4's largest gap is 0.28 of a block's absmax (between 0.72 and 1.0): half of it bounds the rounding
+    absmax = max(float(jnp.abs(k).max()) for k in jax.tree_util.tree_leaves(merged))
+    assert 0 < error <= 0.14 * absmax
+    with pytest.raises(ValueError, match=r"requantize=True\) re-quantizes the NF4 kernels of a QLoRA base"):
+        lora_jax.merge(params, adapter, requantize=True)
