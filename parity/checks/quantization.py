@@ -12,7 +12,14 @@ transformers' 4-bit loading (the base of the PEFT rows). Rows, per base:
   dequantize_4bit``, which must be bit-identical (abs 0).
 
 All four are exact: they are integer codes and the float32 results of the same operations in the same
-order. The bytes are read from layers no forward has repacked (``parity.quantized``); a layer whose
+order.
+
+A checkpoint's weights almost never sit on a rounding boundary, so a rounding rule that differs from
+bitsandbytes' only there (nearest-value argmin in place of its midpoint bucketing) would pass them. The
+stage also quantizes an edge probe (:func:`edge_probe`: blocks of values at and within 20 float32 ulps of
+every NF4 midpoint, each block's absmax exactly 1, then ordinary weights) through the JAX half's
+quantizer (``impl.quantize_jax``) and through bitsandbytes (``lora_torch.quantize.linear4bit``, transformers'
+steps), and compares codes, statistics and dequantized values the same way. The bytes are read from layers no forward has repacked (``parity.quantized``); a layer whose
 state says it was (``packing_format_for_cpu``) fails its rows instead of being compared.
 """
 
@@ -71,6 +78,52 @@ def _count_differing(ours: Any, theirs: Any) -> int:
     if a.shape != b.shape or a.dtype != b.dtype:
         return max(a.size, b.size)
     return int(np.count_nonzero(a != b))
+
+
+def edge_probe(shape: tuple[int, int] = (96, 128), ulps: int = 20, seed: int = 0) -> np.ndarray:
+    """An (out, in) float32 weight whose first blocks of 64 put values at and around every NF4 midpoint.
+
+    Each of those blocks starts with 1.0, so its absmax is 1 and the scaled values are the values themselves;
+    the rest are N(0, 0.02) weights, so double quantization has many blocks to work on.
+
+    >>> probe = edge_probe()
+    >>> probe.shape, probe.dtype, float(probe[0, 0]), float(np.abs(probe[0, :64]).max())
+    ((96, 128), dtype('float32'), 1.0, 1.0)
+    """
+    from lora_jax.nf4 import NF4_VALUES
+
+    mids = ((NF4_VALUES[:-1] + NF4_VALUES[1:]) / np.float32(2)).astype(np.float32)
+    around, up, down = [mids], mids.copy(), mids.copy()
+    for _ in range(ulps):
+        up, down = np.nextafter(up, np.float32(2)), np.nextafter(down, np.float32(-2))
+        around += [up, down]
+    values = np.concatenate(around)
+    blocks = -(values.size // -63)
+    edge = np.zeros((blocks, 64), np.float32)
+    edge[:, 0] = 1.0
+    edge[:, 1:] = np.pad(values, (0, blocks * 63 - values.size)).reshape(blocks, 63)
+    rest = np.random.default_rng(seed).normal(0.0, 0.02, size=int(np.prod(shape)) - edge.size).astype(np.float32)
+    return np.concatenate([edge.reshape(-1), rest]).reshape(shape)
+
+
+def _probe_rows(pair: ModelPair) -> list[CheckResult]:
+    """The edge probe through the JAX half's quantizer and through bitsandbytes: codes, statistics, values."""
+    import jax
+    import torch
+    from lora_torch.quantize import dequantize_weight, linear4bit
+
+    probe = edge_probe()
+    ours = jax_nf4_kernels(pair.impl.quantize_jax({"probe": {"kernel": probe.T}}))  # a Dense kernel is (in, out)
+    layer = linear4bit(torch.from_numpy(probe), None, block_size=64, double_quant=True, compute_dtype=torch.float32)
+    dequantized = np.asarray(jax.jit(lambda q: q.dequantize())(ours["probe"]), np.float32)
+    label = "edge probe (values at NF4 midpoints)"
+    return [
+        _table_row(f"NF4 codes JAX vs bitsandbytes, {label}", ours, {"probe": layer}, ("codes",)),
+        _table_row(f"absmax codes, nested absmax, offset JAX vs bitsandbytes, {label}", ours, {"probe": layer},
+                   ("absmax", "nested absmax", "offset")),
+        compare_named_arrays(STAGE, f"dequantized JAX vs bitsandbytes, {label}", {"probe": dequantized},
+                             {"probe": dequantize_weight(layer).detach().float().numpy()}, EXACT),
+    ]
 
 
 def _jax_tables(q: Any) -> dict[str, Any]:
@@ -140,4 +193,4 @@ def check_quantization(pair: ModelPair) -> StageResult:
             _dequantized_row(f"dequantized kernels JAX vs {label} dequantize_4bit (worst layer)", pair, jax_q,
                              layers),
         ]
-    return StageResult(rows)
+    return StageResult(rows + _probe_rows(pair))

@@ -221,3 +221,34 @@ def test_truncated_files_exit_2_without_a_traceback_in_a_real_process(damage, ti
     assert "Traceback" not in run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith(PREFIX) and "is not a readable safetensors file" in last
+
+
+# --quantize (QLoRA): each refused before any model loads, the message naming the choices or the fix.
+QUANTIZE_CASES = {
+    "unknown_format": (["--quantize", "fp4"], "--quantize fp4 is not supported; choose from nf4"),
+    "bf16_compute": (["--quantize", "nf4", "--dtype", "bf16"], "the QLoRA checks run in float32 compute"),
+    "gpu": (["--quantize", "nf4", "--device", "gpu"], "bit-exact against bitsandbytes' CPU kernels only"),
+    "embedding_target": (["--quantize", "nf4", "--targets", "wte,c_attn"],
+                         "--quantize nf4 with --targets wte,c_attn: LoRA on the token embedding transformer.wte"),
+    "quantization_stage_without_quantize": (["--checks", "quantization"],
+                                            "The quantization stage compares 4-bit bases; add --quantize nf4"),
+}
+
+
+@pytest.mark.parametrize("case", QUANTIZE_CASES)
+def test_quantize_flags_that_cannot_run_exit_2(case, tiny_gpt2_dir, nothing_loaded, capsys):
+    extra, phrase = QUANTIZE_CASES[case]
+    assert phrase in _bad_input(["--model", str(tiny_gpt2_dir), *extra], capsys)
+
+
+def test_quantize_with_several_adapters_exits_2(tiny_gpt2_dir, tmp_path, nothing_loaded, capsys):
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    line = _bad_input(["--model", str(tiny_gpt2_dir), "--quantize", "nf4", "--adapter", f"a={a}",
+                       "--adapter", f"b={b}"], capsys)
+    assert "checks one adapter on the 4-bit base" in line
+
+
+def test_quantize_without_bitsandbytes_names_the_install_command(tiny_gpt2_dir, nothing_loaded, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    line = _bad_input(["--model", str(tiny_gpt2_dir), "--quantize", "nf4"], capsys)
+    assert 'pip install "bitsandbytes>=0.45,<0.51"' in line and "--quantize nf4 needs bitsandbytes" in line
