@@ -13,6 +13,9 @@ from lora_torch.tensor_files import atomic_destination
 from parity.environment import package_versions
 
 BASELINE = "peft"  # ratios are against PEFT eager, the implementation most people use
+HEADLINE = "jax_lora"
+PEERS = ("peft", "peft_compile", "torch_lora", "torch_lora_compile", "qwix")  # issue 13's "best peer"
+GOALS = {"over_best_peer": 1.2, "of_xla_roof": 0.60}  # issue 13, fp32 on the 2-core CI machine type
 
 
 def _cpu_model() -> str:
@@ -26,6 +29,29 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx_vnni", "avx2")
+
+
+def cpu_bf16_support(cpuinfo: str | None = None) -> dict[str, bool]:
+    """Which of ``BF16_FLAGS`` the CPU reports in ``/proc/cpuinfo`` (its first ``flags`` line).
+
+    ``avx512_bf16`` and ``amx_bf16`` are native bf16 dot products; without them a library converts bf16
+    itself, well (XLA) or very slowly (torch's CPU bf16 GEMM on AVX2: under 1 GFLOP/s).
+
+    >>> cpu_bf16_support("flags : fpu avx2 fma")
+    {'avx512_bf16': False, 'amx_bf16': False, 'amx_tile': False, 'avx512f': False, 'avx_vnni': False, 'avx2': True}
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.split(":", 1)[-1].split())
+    return {flag: flag in flags for flag in BF16_FLAGS}
+
+
 def machine_info(device: str, threads: int) -> dict:
     """Where the numbers come from: CPU, accelerator, threads, versions."""
     import jax
@@ -34,7 +60,7 @@ def machine_info(device: str, threads: int) -> dict:
     info = {"cpu": _cpu_model(), "logical_cores": os.cpu_count(), "threads": threads,
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "python": platform.python_version(), "versions": package_versions(),
-            "jax_devices": [str(d) for d in jax.devices()]}
+            "jax_devices": [str(d) for d in jax.devices()], "cpu_bf16": cpu_bf16_support()}
     if device == "gpu" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -65,21 +91,25 @@ def _markdown(report: dict) -> Iterator[str]:
         w, ratios, peak = config["workload"], _ratio_rows(config), config["matmul_peak"]
         yield (f"\n## GPT-2 {config['preset']} ({w['n_layer']} layers, width {w['n_embd']}), "
                f"batch {w['batch']} x {w['seq']}, {w['dtype']}, LoRA r=16 on c_attn/c_proj/c_fc\n")
-        yield (f"Matmul roof measured in this run: {peak['gflops']:.0f} GFLOP/s ({peak['dtype']}, "
-               f"{'x'.join(map(str, peak['shape']))}; torch {peak['torch_gflops']:.0f}, XLA {peak['jax_gflops']:.0f}).\n")
+        yield _roofs_line(config)
+        for line in _goal_lines(config):
+            yield line
         gpu = any("cuda_peak_mb" in r or "xla_allocator_peak_so_far_mb" in r for r in config["results"])
         yield ("| implementation | training | tokens/s median [min, max] | step ms | x PEFT eager | "
-               "GFLOP/step analytic (XLA) | GFLOP/s | of roof | peak RSS in step MB | XLA peak MB | warm-up s |"
-               + (" GPU allocator peak MB |" if gpu else ""))
-        yield "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")
+               "GFLOP/step analytic (XLA) | GFLOP/s | of best roof | of own roof | peak RSS in step MB | XLA peak MB | "
+               "warm-up s |" + (" GPU allocator peak MB |" if gpu else ""))
+        yield "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")
         for r in config["results"]:
             gpu_peak = r.get("cuda_peak_mb", r.get("xla_allocator_peak_so_far_mb"))
             yield (f"| {r['name']} | {r['training']} | {r['tokens_per_s_median']:.0f} "
                    f"[{r['tokens_per_s_min']:.0f}, {r['tokens_per_s_max']:.0f}] | {1000 * r['step_s_median']:.0f} | "
                    f"{_fmt(ratios.get(r['name']), '.2f')} | {r['flops_per_step'] / 1e9:.0f} ({_fmt(r.get('xla_flops_per_step', 0) / 1e9 or None)}) | "
                    f"{_fmt(r.get('achieved_gflops'))} | {_fmt(r.get('utilisation_vs_peak'), '.0%')} | "
+                   f"{_fmt(r.get('utilisation_vs_own_roof'), '.0%')} | "
                    f"{_fmt(r.get('peak_rss_mb'))} | {_fmt(r.get('xla_peak_mb'))} | {r['warmup_s']:.1f} |"
                    + (f" {_fmt(gpu_peak)} |" if gpu else ""))
+        for line in _qwix_check_lines(config):
+            yield line
         if config["skipped"]:
             yield f"\nSkipped (not installed): {', '.join(config['skipped'])}.\n"
         if config["memory_table"]:
@@ -89,15 +119,132 @@ def _markdown(report: dict) -> Iterator[str]:
             for row in config["memory_table"]:
                 yield (f"| {row['training']} | {row['remat']} | {row['xla_argument_mb']:.0f} | {row['xla_output_mb']:.0f} | "
                        f"{row['xla_temp_mb']:.0f} | {row['xla_alias_mb']:.0f} | {row['xla_peak_mb']:.0f} |")
+    if report.get("bf16"):
+        for line in _bf16_lines(report["bf16"], m.get("cpu_bf16", {})):
+            yield line
+    if report.get("scaling"):
+        for line in _scaling_lines(report["scaling"]):
+            yield line
     yield ("\nPeak RSS is the whole process (every implementation's weights stay resident) sampled every "
            "2 ms during that implementation's steps; compare it across rows, not to the model size. "
            "The GPU allocator peak likewise includes every implementation's resident weights; XLA's "
            "cannot be reset, so its value is the peak of the process up to that step. "
            "XLA peak = arguments + outputs + temporaries - aliased. GFLOP/s and the share of the roof use "
            "the hand count (`analytic_flops` in examples/benchmark_steps.py) for every row; on GPU the share of the "
-           "measured bf16 roof is the MFU. XLA's cost "
+           "measured bf16 roof is the MFU. The best roof is the faster of torch's and XLA's on the row's dtype, the own "
+           "roof that of the row's framework (qwix runs on XLA). XLA's cost "
            "analysis is shown in brackets. It matches the hand count where the step has no loop "
            "(jax_lora_logits) and undercounts the chunked loss, whose scan body XLA counts once.\n")
+
+
+def _roofs_line(config: dict) -> str:
+    """The host's XLA and torch matmul roofs side by side, per dtype."""
+    peaks = config.get("matmul_peaks") or {config["matmul_peak"]["dtype"]: config["matmul_peak"]}
+    parts = [f"{dtype} ({'x'.join(map(str, p['shape']))}) XLA {p['jax_gflops']:.3g}, torch {p['torch_gflops']:.3g} "
+             f"(XLA / torch {p['jax_gflops'] / p['torch_gflops']:.2f})" for dtype, p in peaks.items()]
+    return f"Matmul roofs measured in this run, GFLOP/s, best of 10: {'; '.join(parts)}.\n"
+
+
+def best_peer_ratio(results: list[dict]) -> dict | None:
+    """``HEADLINE``'s tokens/s over the fastest present peer's (by median), with the round-by-round range."""
+    rows = {r["name"]: r for r in results}
+    peers = [rows[name] for name in PEERS if name in rows]
+    if HEADLINE not in rows or not peers:
+        return None
+    best = max(peers, key=lambda r: r["tokens_per_s_median"])
+    return {"peer": best["name"], **_ratio(rows[HEADLINE], best)}
+
+
+def _goal_lines(config: dict) -> Iterator[str]:
+    rows = {r["name"]: r for r in config["results"]}
+    over = best_peer_ratio(config["results"])
+    if over is None or config["workload"]["dtype"] != "float32":
+        return
+    met = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+    share = rows[HEADLINE].get("utilisation_vs_own_roof")
+    yield (f"Goals (issue 13): {HEADLINE} >= {GOALS['over_best_peer']}x the best peer "
+           f"({', '.join(n for n in PEERS if n in rows)}): the best is {over['peer']}; {HEADLINE} is "
+           f"{over['median_ratio']:.2f}x it (round by round [{over['round_min']:.2f}, {over['round_max']:.2f}]), "
+           f"{met(over['median_ratio'] >= GOALS['over_best_peer'])}."
+           + ("" if share is None else f" {HEADLINE} >= {GOALS['of_xla_roof']:.0%} of the XLA float32 roof: "
+              f"{share:.0%}, {met(share >= GOALS['of_xla_roof'])}.") + "\n")
+
+
+def _qwix_check_lines(config: dict) -> Iterator[str]:
+    rows = {r["name"]: r for r in config["results"]}
+    if "qwix" not in rows or "first_loss" not in rows["qwix"] or "first_loss" not in rows.get(HEADLINE, {}):
+        return
+    ours, theirs = rows[HEADLINE]["first_loss"], rows["qwix"]["first_loss"]
+    yield (f"\nqwix (`qwix.LoraProvider` on this project's linen GPT-2, examples/qwix_lora_step.py) starts from "
+           f"{HEADLINE}'s base weights and A/B and trains with the same loss and AdamW, differentiating only its "
+           f"`*_lora_a`/`*_lora_b` leaves: first-step loss {theirs:.6f} vs {HEADLINE} {ours:.6f} "
+           f"(|difference| {abs(theirs - ours):.1e}).\n")
+
+
+def _bf16_lines(section: dict, flags: dict[str, bool]) -> Iterator[str]:
+    w, rows = section["workload"], {r["name"]: r for r in section["results"]}
+    native = [f for f in ("avx512_bf16", "amx_bf16") if flags.get(f)]
+    yield (f"\n## bf16 compute (informational; float32 is the headline), {w['n_layer']} layer(s), "
+           f"batch {w['batch']} x {w['seq']}\n")
+    yield ("CPU bf16 support (/proc/cpuinfo): " + (f"native ({', '.join(native)})" if native else
+           "no native bf16 instructions (neither avx512_bf16 nor amx_bf16; present: "
+           + (", ".join(f for f, on in flags.items() if on) or "none") + "); each library converts in its own way, "
+           "see the bfloat16 roofs")
+           + ". " + _roofs_line(section))
+    yield "| implementation | compute | tokens/s median [min, max] | bf16 / float32 (same framework) | of own roof |"
+    yield "|---|---|---|---|---|"
+    for r in section["results"]:
+        twin = rows.get(r["name"].removesuffix("_bf16")) if r["name"].endswith("_bf16") else None
+        yield (f"| {r['name']} | {r.get('dtype', '-')} | {r['tokens_per_s_median']:.1f} [{r['tokens_per_s_min']:.1f}, "
+               f"{r['tokens_per_s_max']:.1f}] | "
+               f"{_fmt(twin and r['tokens_per_s_median'] / twin['tokens_per_s_median'], '.2f')} | "
+               f"{_fmt(r.get('utilisation_vs_own_roof'), '.0%')} |")
+    if section["skipped"]:
+        yield f"\nSkipped (not installed): {', '.join(section['skipped'])}.\n"
+
+
+def _scaling_lines(scaling: list[dict]) -> Iterator[str]:
+    names = list(dict.fromkeys(r["name"] for shape in scaling for r in shape["results"]))
+    yield "\n## Scaling with sequence length (float32, same model and adapter)\n"
+    yield ("Each shape is its own interleaved run; tokens/s median [min, max]. The plot is the `*_scaling.png` "
+           "beside this file.\n")
+    ratio_cols = [n for n in names if n != HEADLINE and HEADLINE in names]
+    yield ("| batch x seq | " + " | ".join(names) + " | "
+           + " | ".join(f"{HEADLINE} / {n}" for n in ratio_cols) + " |")
+    yield "|---|" + "---|" * (len(names) + len(ratio_cols))
+    for shape in scaling:
+        rows = {r["name"]: r for r in shape["results"]}
+        cells = [f"{rows[n]['tokens_per_s_median']:.0f} [{rows[n]['tokens_per_s_min']:.0f}, "
+                 f"{rows[n]['tokens_per_s_max']:.0f}]" if n in rows else "-" for n in names]
+        ratios = [f"{rows[HEADLINE]['tokens_per_s_median'] / rows[n]['tokens_per_s_median']:.2f}"
+                  if HEADLINE in rows and n in rows else "-" for n in ratio_cols]
+        yield f"| {shape['batch']} x {shape['seq']} | " + " | ".join(cells + ratios) + " |"
+
+
+def _plot_scaling(scaling: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(dict.fromkeys(r["name"] for shape in scaling for r in shape["results"]))
+    for name in names:
+        points = [(shape["seq"], r) for shape in scaling for r in shape["results"] if r["name"] == name]
+        seqs = [seq for seq, _ in points]
+        med = [r["tokens_per_s_median"] for _, r in points]
+        err = [[m - r["tokens_per_s_min"] for m, (_, r) in zip(med, points)],
+               [r["tokens_per_s_max"] - m for m, (_, r) in zip(med, points)]]
+        ax.errorbar(seqs, med, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([shape["seq"] for shape in scaling], [f"{s['batch']}x{s['seq']}" for s in scaling])
+    ax.set_xlabel("batch x seq")
+    ax.set_ylabel("tokens / s (median, min-max)")
+    ax.set_title("LoRA r=16 step, GPT-2 small, float32: scaling with seq", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -129,12 +276,15 @@ def _plot(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, prefix: str) -> list[str]:
-    """Writes ``prefix.json``, ``prefix.md`` and ``prefix.png`` atomically; returns the paths."""
+    """Writes ``prefix.json``, ``prefix.md`` and ``prefix.png`` atomically, and ``prefix_scaling.png`` when the
+    run has a scaling section; returns the paths."""
     writers = {
         ".json": lambda tmp: tmp.write_text(json.dumps(report, indent=2), encoding="utf-8"),
         ".md": lambda tmp: tmp.write_text("\n".join(_markdown(report)) + "\n", encoding="utf-8"),
         ".png": lambda tmp: _plot(report, tmp),
     }
+    if report.get("scaling"):
+        writers["_scaling.png"] = lambda tmp: _plot_scaling(report["scaling"], tmp)
     for ext, write in writers.items():
         with atomic_destination(prefix + ext) as tmp:  # temp file beside the target, renamed on success
             write(tmp)

@@ -194,19 +194,30 @@ def _xla_analysis(compiled) -> dict:
 
 
 def build_jax(name: str, w: Workload, training: str, chunked: bool) -> Timed:
-    import jax
-
     rss_before = rss_mb()
     step, init_state, batch = _jax_step_fns(w, training, chunked)
-    trained, opt_state, frozen = init_state()
+    return timed_jax_step(name, w, training, step, init_state(), batch, rss_before)
+
+
+def timed_jax_step(name: str, w: Workload, training: str, step, state: tuple, batch, rss_before: float) -> Timed:
+    """A ``Timed`` around a jitted ``step(trained, opt_state, frozen, batch, rng)`` (``make_train_step``'s).
+
+    ``info["first_loss"]`` keeps the loss of the first step, so rows that start from the same weights
+    (``jax_lora`` and ``qwix``) can be checked against each other in the run itself.
+    """
+    import jax
+
+    trained, opt_state, frozen = state
     rng = jax.random.key(3)
     info = _xla_analysis(step.lower(trained, opt_state, frozen, batch, rng).compile())
     info["flops_per_step"] = analytic_flops(w, training)  # one yardstick for every row
+    info["dtype"] = w.dtype
     state = {"trained": trained, "opt": opt_state}
 
     def run() -> None:
         state["trained"], state["opt"], metrics = step(state["trained"], state["opt"], frozen, batch, rng)
         jax.block_until_ready((state["trained"], metrics["loss"]))
+        info.setdefault("first_loss", float(metrics["loss"]))
         if w.device == "gpu":  # the allocator's peak over the process so far: it cannot be reset
             peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0)
             info["xla_allocator_peak_so_far_mb"] = peak / 2**20
@@ -216,6 +227,32 @@ def build_jax(name: str, w: Workload, training: str, chunked: bool) -> Timed:
 
     info["rss_added_by_build_mb"] = rss_mb() - rss_before
     return Timed(name, "jax", training, run, info, close)
+
+
+def build_qwix(name: str, w: Workload) -> Timed | None:
+    """qwix's LoRA on the same GPT-2, weights, A/B, loss and optimizer as ``jax_lora`` (``qwix_lora_step.py``)."""
+    try:
+        import qwix  # noqa: F401
+    except ImportError:
+        print(f"  skipping {name}: qwix is not installed (pip install 'qwix>=0.1.8,<0.2')", flush=True)
+        return None
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lora_jax import make_train_step
+    from qwix_lora_step import from_lora_jax, qwix_gpt2, qwix_lm_loss, split_lora
+
+    rss_before = rss_mb()
+    _, init_state, batch = _jax_step_fns(w, "lora", chunked=True)
+    adapter, _, params = init_state()  # jax_lora's own starting point
+    _, model, _ = _jax_setup(w)
+    qmodel = qwix_gpt2(model, TARGETS, RANK, ALPHA)
+    shapes = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    lora = from_lora_jax(split_lora(shapes)[0], adapter)
+    tx = optax.adamw(LR)
+    step = make_train_step(qwix_lm_loss(qmodel, chunk_size=w.chunk_size), tx, donate=True)
+    return timed_jax_step(name, w, "lora", step, (lora, tx.init(lora), params), batch, rss_before)
 
 
 def jax_memory_table(w: Workload) -> list[dict]:
@@ -301,7 +338,7 @@ def build_torch(name: str, w: Workload, variant: str, compiled: bool, dora: bool
         gc.collect()
 
     training = "full" if variant == "full" else "dora" if dora else "lora"
-    info = {"flops_per_step": analytic_flops(w, training),
+    info = {"flops_per_step": analytic_flops(w, training), "dtype": w.dtype,
             "trainable_params": sum(p.numel() for p in params),
             "attention": getattr(model.config, "_attn_implementation", "unknown"),
             "rss_added_by_build_mb": rss_mb() - rss_before}
@@ -319,12 +356,17 @@ IMPLEMENTATIONS: dict[str, Callable[[Workload], Timed | None]] = {
     "peft_compile": lambda w: build_torch("peft_compile", w, "peft", compiled=True),
     "jax_full": lambda w: build_jax("jax_full", w, "full", chunked=True),
     "torch_full": lambda w: build_torch("torch_full", w, "full", compiled=False),
+    "qwix": lambda w: build_qwix("qwix", w),
+    # bf16 compute on CPU (informational; fp32 is the headline): the same steps with the model in bfloat16.
+    "jax_lora_bf16": lambda w: build_jax("jax_lora_bf16", dataclasses.replace(w, dtype="bfloat16"), "lora", chunked=True),
+    "peft_bf16": lambda w: build_torch("peft_bf16", dataclasses.replace(w, dtype="bfloat16"), "peft", compiled=False),
     "jax_dora": lambda w: build_jax("jax_dora", w, "dora", chunked=True),
     "torch_dora": lambda w: build_torch("torch_dora", w, "lora_torch", compiled=False, dora=True),
     "peft_dora": lambda w: build_torch("peft_dora", w, "peft", compiled=False, dora=True),
 }
 # compare_implementations.py runs these unless --impls names others; the DoRA twins are benchmark_dora.py's.
-LORA_COMPARISON = [name for name in IMPLEMENTATIONS if "dora" not in name]
+LORA_COMPARISON = [name for name in IMPLEMENTATIONS if "dora" not in name and "bf16" not in name]
+BF16_ROWS = ["jax_lora_bf16", "peft_bf16"]  # compare_implementations.py --bf16 times them beside their fp32 twins
 
 
 def build_implementation(name: str, w: Workload) -> Timed | None:

@@ -59,3 +59,61 @@ def test_dora_goal_is_unmeasured_without_peft_dora():
     ratios = report_module.dora_ratios([_row("jax_lora", [1.0]), _row("jax_dora", [1.1])])
     assert ratios["over_peft_dora"] == {}
     assert (ratios["goal"]["median_ratio"], ratios["goal"]["met"]) == (None, None)
+
+
+def _result(name: str, seconds: list[float], framework: str = "torch", dtype: str = "float32", **extra) -> dict:
+    tokens = 512
+    median = sorted(seconds)[len(seconds) // 2]
+    return {"name": name, "framework": framework, "training": "lora", "dtype": dtype, "step_s_median": median,
+            "step_s_all": seconds, "tokens_per_s_median": tokens / median, "tokens_per_s_min": tokens / max(seconds),
+            "tokens_per_s_max": tokens / min(seconds), "flops_per_step": 265e9, "warmup_s": 1.0, **extra}
+
+
+def _peak(dtype: str, jax_gflops: float, torch_gflops: float) -> dict:
+    return {"gflops": max(jax_gflops, torch_gflops), "jax_gflops": jax_gflops, "torch_gflops": torch_gflops,
+            "shape": [1024, 1024, 1024], "dtype": dtype}
+
+
+def _issue13_report() -> dict:
+    machine = {"cpu": "Test CPU", "logical_cores": 2, "threads": 2, "torch_threads": 2, "platform": "linux",
+               "python": "3.11", "versions": {"jax": "0"},
+               "cpu_bf16": {"avx512_bf16": False, "amx_bf16": False, "amx_tile": False, "avx512f": False,
+                            "avx_vnni": False, "avx2": True}}
+    workload = {"n_layer": 12, "n_embd": 768, "batch": 4, "seq": 128, "dtype": "float32"}
+    # Rounds: jax_lora 2.0 s, the best peer qwix 2.5 s (x1.25); round ratios 2.4/2.0=1.2 .. 2.6/2.0=1.3.
+    results = [_result("jax_lora", [2.0, 2.0, 2.0], "jax", utilisation_vs_own_roof=0.5, first_loss=10.8),
+               _result("peft", [4.0, 4.0, 4.0]),
+               _result("qwix", [2.4, 2.5, 2.6], "jax", first_loss=10.8)]
+    bf16 = {"workload": {"n_layer": 1, "batch": 2, "seq": 32}, "skipped": [],
+            "matmul_peaks": {"float32": _peak("float32", 100.0, 80.0), "bfloat16": _peak("bfloat16", 20.0, 0.25)},
+            "results": [_result("jax_lora", [1.0], "jax"), _result("jax_lora_bf16", [2.0], "jax", "bfloat16"),
+                        _result("peft", [2.0]), _result("peft_bf16", [80.0], dtype="bfloat16")]}
+    scaling = [{"batch": b, "seq": t, "skipped": [],
+                "results": [_result("jax_lora", [s], "jax"), _result("peft", [2 * s])]}
+               for b, t, s in ((4, 128, 1.0), (2, 512, 2.0))]
+    return {"command": "python x", "machine": machine, "steps": 3, "warmup": 1, "bf16": bf16, "scaling": scaling,
+            "configs": [{"preset": "small", "workload": workload, "matmul_peak": _peak("float32", 136.0, 117.0),
+                         "matmul_peaks": {"float32": _peak("float32", 136.0, 117.0)}, "results": results,
+                         "skipped": [], "memory_table": []}]}
+
+
+def test_issue13_sections_render_goals_roofs_qwix_bf16_and_scaling(tmp_path):
+    report_module = load_example("benchmark_report")
+    report = _issue13_report()
+    assert report_module.best_peer_ratio(report["configs"][0]["results"]) == {
+        "peer": "qwix", "median_ratio": pytest.approx(1.25), "round_min": pytest.approx(1.2),
+        "round_max": pytest.approx(1.3)}
+    paths = report_module.write_report(report, str(tmp_path / "bench"))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["bench.json", "bench.md", "bench.png", "bench_scaling.png"]
+    assert (tmp_path / "bench_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "bench.md").read_text()
+    assert ("Matmul roofs measured in this run, GFLOP/s, best of 10: float32 (1024x1024x1024) XLA 136, torch 117 "
+            "(XLA / torch 1.16).") in md
+    assert ("the best is qwix; jax_lora is 1.25x it (round by round [1.20, 1.30]), **met**. jax_lora >= 60% of "
+            "the XLA float32 roof: 50%, **not met**.") in md
+    assert "first-step loss 10.800000 vs jax_lora 10.800000 (|difference| 0.0e+00)" in md
+    assert "no native bf16 instructions (neither avx512_bf16 nor amx_bf16; present: avx2)" in md
+    assert "| jax_lora_bf16 | bfloat16 | 256.0 [256.0, 256.0] | 0.50 | - |" in md  # 512 tokens / 2 s; 1 s in fp32
+    assert "| peft_bf16 | bfloat16 | 6.4 [6.4, 6.4] | 0.03 | - |" in md  # 80 s vs 2 s in fp32
+    assert "| batch x seq | jax_lora | peft | jax_lora / peft |" in md
+    assert "| 2 x 512 | 256 [256, 256] | 128 [128, 128] | 2.00 |" in md

@@ -2,11 +2,12 @@
 
 The script runs as a real subprocess (its environment setup happens before JAX is imported, which only a
 fresh process shows) on one GPT-2-small-width layer, batch 2 x 32, one warm-up step and one timed round of
-``jax_lora`` against ``peft``. Timings are not asserted, only their consistency and the report's structure.
+``jax_lora`` against ``peft`` and, when qwix is installed, ``qwix``. Timings are not asserted, only their consistency and the report's structure.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -25,14 +26,15 @@ BATCH, SEQ = 2, 32
 FLOPS_PER_STEP = 11_780_947_968
 # r=16 x (c_attn 768+2304, attn.c_proj 768+768, c_fc 768+3072, mlp.c_proj 3072+768) in one layer.
 PEFT_TRAINABLE = 196_608
+QWIX = importlib.util.find_spec("qwix") is not None
+IMPLS = ["jax_lora", "peft"] + (["qwix"] if QWIX else [])
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     prefix = tmp_path_factory.mktemp("bench") / "bench"
     argv = [sys.executable, str(SCRIPT), "--steps", "1", "--warmup", "1", "--layers", "1", "--batch", str(BATCH),
-            "--seq", str(SEQ), "--threads", "2", "--impls", "jax_lora", "peft", "--no-memory-table",
-            "--out", str(prefix)]
+            "--seq", str(SEQ), "--threads", "2", "--impls", *IMPLS, "--no-memory-table", "--out", str(prefix)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc, prefix
@@ -61,14 +63,18 @@ def test_json_holds_both_implementations_with_consistent_rates(bench):
     _, prefix = bench
     report = json.loads(prefix.with_suffix(".json").read_text())
     assert (report["steps"], report["warmup"], report["machine"]["threads"]) == (1, 1, 2)
-    assert "--impls jax_lora peft" in report["command"]
+    assert "--impls " + " ".join(IMPLS) in report["command"]
     [config] = report["configs"]
     assert (config["preset"], config["skipped"], config["memory_table"]) == ("small", [], [])
     workload = config["workload"]
     assert (workload["n_layer"], workload["n_embd"], workload["batch"], workload["seq"]) == (1, 768, BATCH, SEQ)
     rows = {r["name"]: r for r in config["results"]}
-    assert list(rows) == ["jax_lora", "peft"]
-    assert [(r["framework"], r["training"]) for r in rows.values()] == [("jax", "lora"), ("torch", "lora")]
+    assert list(rows) == IMPLS
+    assert [(r["framework"], r["training"]) for r in rows.values()][:2] == [("jax", "lora"), ("torch", "lora")]
+    peaks = config["matmul_peaks"]["float32"]
+    for row in rows.values():  # each row's share of its own framework's roof, measured in the same run
+        own = peaks["torch_gflops" if row["framework"] == "torch" else "jax_gflops"]
+        assert row["utilisation_vs_own_roof"] == pytest.approx(row["achieved_gflops"] / own, rel=1e-12)
     for row in rows.values():
         assert len(row["step_s_all"]) == 1 and row["step_s_median"] == row["step_s_all"][0]
         assert math.isfinite(row["tokens_per_s_median"]) and row["tokens_per_s_median"] > 0
@@ -81,13 +87,23 @@ def test_json_holds_both_implementations_with_consistent_rates(bench):
     assert rows["jax_lora"]["xla_peak_mb"] > 0
 
 
+@pytest.mark.skipif(not QWIX, reason="qwix is not installed")
+def test_qwix_row_starts_from_jax_lora_weights(bench):
+    _, prefix = bench
+    rows = {r["name"]: r for r in json.loads(prefix.with_suffix(".json").read_text())["configs"][0]["results"]}
+    assert rows["qwix"]["framework"] == "jax" and rows["qwix"]["flops_per_step"] == FLOPS_PER_STEP
+    # Same base weights, A, B, loss and batch: the first losses agree to float32 rounding of one program (1e-6 rel).
+    assert rows["qwix"]["first_loss"] == pytest.approx(rows["jax_lora"]["first_loss"], rel=1e-6)
+    assert "first-step loss" in prefix.with_suffix(".md").read_text()
+
+
 def test_markdown_ratio_column_is_relative_to_peft(bench):
     _, prefix = bench
     markdown = prefix.with_suffix(".md").read_text()
     assert f"## GPT-2 small (1 layers, width 768), batch {BATCH} x {SEQ}, float32" in markdown
     assert "XLA memory analysis" not in markdown  # --no-memory-table
     rows = _table_rows(markdown)
-    assert list(rows) == ["jax_lora", "peft"]
+    assert list(rows) == IMPLS
     assert rows["peft"][4] == "1.00"  # the "x PEFT eager" column
     results = {r["name"]: r for r in json.loads(prefix.with_suffix(".json").read_text())["configs"][0]["results"]}
     ratio = results["jax_lora"]["tokens_per_s_median"] / results["peft"]["tokens_per_s_median"]
