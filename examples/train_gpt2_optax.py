@@ -9,6 +9,7 @@ by the base model and by the merged adapter side by side, so the adaptation is v
     python examples/train_gpt2_optax.py --model gpt2 --data my.txt --steps 1000
     python examples/train_gpt2_optax.py --resume              # continue from the newest intact checkpoint
     python examples/train_gpt2_optax.py --resume --lr 5e-4    # ... with a lower peak learning rate
+    python examples/train_gpt2_optax.py --quantize nf4        # QLoRA: the frozen base in NF4 (docs/qlora.md)
 
 Outputs under ``--out``: ``adapter/`` (PEFT format), ``loss.png``, ``results.json`` and
 ``checkpoints/step_*`` (see docs/training.md for the format and the resume rules).
@@ -41,8 +42,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from lora_jax import (GPT2, Adapter, Batch, LoraConfig, init_lora, lm_loss, load_gpt2, load_tokenizer,  # noqa: E402
-                      make_train_step, merge, save_adapter, trainable_summary)
+from lora_jax import (GPT2, Adapter, Batch, LoraConfig, dequantize_params, init_lora, lm_loss,  # noqa: E402
+                      load_gpt2, load_tokenizer, make_train_step, merge, save_adapter, trainable_summary)
 from lora_jax.atomic_files import atomic_write, atomic_write_text  # noqa: E402
 from lora_jax.embedded.base import ensure_base, target_corpus  # noqa: E402
 from lora_jax.gpt2.generation import generate  # noqa: E402
@@ -90,12 +91,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", default=None, help="device mesh, e.g. 'data=8' or 'data=4,fsdp=2'")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype (params stay fp32)")
+    p.add_argument("--quantize", choices=("nf4",), default=None,
+                   help="QLoRA: hold the frozen base's kernels in NF4 (bitsandbytes' 4-bit NormalFloat, double quant)")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     # Testing hooks, documented in docs/training.md: simulate a crash, or a divergence.
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--inject-nan-at", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     problems = check_args(args)
+    if args.quantize is not None and args.mesh is not None:
+        problems.append(f"--quantize {args.quantize} cannot be combined with --mesh: NF4 kernels are not sharded "
+                        "yet; drop --mesh (QLoRA runs on one device) or --quantize")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -141,6 +147,8 @@ def run_config(args: argparse.Namespace, model_name: str, train_ids: np.ndarray)
             "seq_len", "grad_accum", "warmup", "seed", "dtype")
     config = {k: getattr(args, k) for k in keys}
     config["model"] = model_name
+    if args.quantize is not None:  # only then: checkpoints of float runs keep resuming
+        config["quantize"] = args.quantize
     config["train_tokens_sha256"] = hashlib.sha256(train_ids.tobytes()).hexdigest()
     return config
 
@@ -169,7 +177,8 @@ def _load_base(args: argparse.Namespace) -> tuple[Path, Any, Any, Any]:
         except OSError as err:  # FileNotFoundError for a bad path, OSError for an unreachable hub id
             raise BadInput(f"--model {args.model}: {err}") from None
     try:
-        config, frozen = load_gpt2(model_dir)
+        # --quantize nf4 quantizes the kernels at load, deterministically, so a resumed run gets the same base.
+        config, frozen = load_gpt2(model_dir, quantize=args.quantize)
     except (OSError, ValueError) as err:  # missing weights, a bad config.json, mis-shaped tensors
         raise BadInput(f"--model {model_dir}: {err}") from None
     try:
@@ -306,7 +315,8 @@ def greedy_continuations(job: Job, frozen, merged) -> dict[str, Any]:
     prompt = jnp.asarray(job.heldout_ids[:prompt_len])[None]
 
     def continue_with(params) -> str:
-        ids = generate(job.model, params, prompt, max_new_tokens=new, temperature=0.0)
+        # A QLoRA base is dequantized once for sampling (generate runs the plain model).
+        ids = generate(job.model, dequantize_params(params), prompt, max_new_tokens=new, temperature=0.0)
         return job.tokenizer.decode(np.asarray(ids)[0, prompt_len:].tolist())
 
     return {"prompt": job.tokenizer.decode(job.heldout_ids[:prompt_len].tolist()), "new_tokens": new,
@@ -339,7 +349,7 @@ def side_by_side(greedy: dict[str, Any], width: int = 38) -> str:
 def finish(args: argparse.Namespace, job: Job, state: TrainState, frozen: Any) -> dict[str, Any]:
     """Checks the merge, saves the adapter, shows base vs merged side by side, plots; returns the results."""
     base_loss, final_loss = state.evals[0][1], state.evals[-1][1]
-    merged = merge(frozen, state.adapter)
+    merged = merge(frozen, state.adapter)  # a QLoRA base is dequantized: the merged model is full precision
     _, _, eval_fn = compiled_programs(job.model, tuple((k, getattr(args, k)) for k in OPTIMIZER_FLAGS))
     no_delta = jax.tree.map(jnp.zeros_like, state.adapter)  # A = B = 0: exactly the merged weights alone
     merged_loss = heldout_loss(eval_fn, no_delta, merged, job.eval_windows, args.batch_size)
@@ -351,10 +361,12 @@ def finish(args: argparse.Namespace, job: Job, state: TrainState, frozen: Any) -
     print(_describe("base model", base_loss))
     print(_describe("with LoRA", final_loss))
     print(side_by_side(greedy))
-    plot_losses(args.out / "loss.png", state.losses, state.evals, title=f"LoRA r={args.rank} on {job.model_dir.name}")
+    method = "QLoRA (NF4 base)" if args.quantize else "LoRA"
+    plot_losses(args.out / "loss.png", state.losses, state.evals, title=f"{method} r={args.rank} on {job.model_dir.name}")
     changed = [h for h in state.history if h.get("changed")]
     return {
         "model": str(job.model_dir) if args.model else f"embedded base ({job.model_dir.name})",
+        "quantize": args.quantize,
         "data": str(args.data or "embedded target text"),
         "settings": {k: v for k, v in job.settings.items() if k != "model"},
         "params": trainable_summary(frozen, state.adapter),
