@@ -285,10 +285,11 @@ def run_check(pair: ModelPair, name: str, settings: SuiteSettings | None = None)
     """Runs one stage (see :data:`CHECKS`) with parity numerics on; exceptions propagate.
 
     Raises:
-        ValueError: ``name`` is not a known check.
+        ValueError: ``name`` is not a known check (``quantization`` needs a 4-bit pair).
     """
-    if name not in QUANTIZED_CHECKS:
-        raise ValueError(f"Unknown check {name!r}; choose from {', '.join(QUANTIZED_CHECKS)}.")
+    choices = default_checks(pair.quantize)
+    if name not in choices:
+        raise ValueError(f"Unknown check {name!r}; choose from {', '.join(choices)}.")
     settings = settings or SuiteSettings()
     with parity_numerics():
         return _Stages(pair, settings).run(name)
