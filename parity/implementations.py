@@ -27,11 +27,11 @@ def load_torch_gpt2(model_dir: Path):
     return GPT2LMHeadModel.from_pretrained(model_dir, dtype="float32").eval()
 
 
-def load_jax_gpt2(model_dir: Path):
-    """``lora_jax.gpt2.loading.load_gpt2`` -> ``(GPT2Config, params)``."""
+def load_jax_gpt2(model_dir: Path, quantize: str | None = None):
+    """``lora_jax.gpt2.loading.load_gpt2`` -> ``(GPT2Config, params)``; ``quantize="nf4"``: the user's QLoRA load."""
     from lora_jax.gpt2.loading import load_gpt2
 
-    return load_gpt2(model_dir)
+    return load_gpt2(model_dir) if quantize is None else load_gpt2(model_dir, quantize=quantize)
 
 
 def inject_torch(model, config):
@@ -68,7 +68,7 @@ class Implementations:
 
     Attributes:
         load_torch: ``model_dir -> GPT2LMHeadModel`` (eval mode).
-        load_jax: ``model_dir -> (GPT2Config, params)``.
+        load_jax: ``(model_dir, quantize=None) -> (GPT2Config, params)``; ``quantize="nf4"`` gives NF4 kernels.
         torch_inject: ``(model, LoraConfig) -> model`` with LoRA injected and the base frozen.
         jax_init_lora: ``(params, LoraConfig, key) -> lora_jax.Adapter`` (A drawn, B = 0).
         jax_lora_apply: ``apply_fn -> fn(params, adapter, ids)``; the scale comes from the adapter's config.
@@ -85,7 +85,7 @@ class Implementations:
         torch_save_adapter: ``(model, out_dir) -> None`` writing a PEFT directory.
         torch_load_adapter: ``(base model, adapter_dir) -> model`` with the adapter injected.
         quantize_torch: ``float GPT2LMHeadModel -> the same model with bitsandbytes Linear4bit (NF4)`` (``--quantize``).
-        quantize_jax: ``float params -> params with NF4Tensor kernels`` (``--quantize``).
+        quantize_jax: ``float params -> params with NF4Tensor kernels`` (the quantization stage's edge probe).
         load_reference_4bit: ``model_dir -> transformers' 4-bit GPT2LMHeadModel``, the PEFT rows' base (``--quantize``).
     """
 

@@ -147,7 +147,7 @@ def load_pair(model: str | os.PathLike | None = None, *, device: str = "cpu", dt
         device: ``"cpu"`` or ``"gpu"``.
         dtype: ``"fp32"`` or ``"bf16"`` compute.
         impl: The functions to check; default the real ``lora_torch`` / ``lora_jax``.
-        quantize: ``"nf4"`` for a QLoRA base in both halves (``impl.quantize_torch``, ``impl.quantize_jax``)
+        quantize: ``"nf4"`` for a QLoRA base in both halves (``impl.quantize_torch``, ``impl.load_jax``)
             and transformers' 4-bit model as the reference (``impl.load_reference_4bit``); None for float.
 
     Raises:
@@ -165,11 +165,12 @@ def load_pair(model: str | os.PathLike | None = None, *, device: str = "cpu", dt
     import jax
 
     torch_model = impl.load_torch(model_dir).to(placement.torch_device)
-    jax_config, params = impl.load_jax(model_dir)
+    # QLoRA: each half quantizes the checkpoint its user's way (lora_jax.load_gpt2(dir, quantize="nf4"),
+    # lora_torch.quantize_base); the PEFT rows' base is transformers' 4-bit loading.
+    jax_config, params = impl.load_jax(model_dir) if quantize is None else impl.load_jax(model_dir, quantize=quantize)
     reference = None
-    if quantize is not None:  # each half quantizes its own float weights; the reference is transformers' loading
+    if quantize is not None:
         torch_model = impl.quantize_torch(torch_model)
-        params = impl.quantize_jax(params)
         reference = impl.load_reference_4bit(model_dir)
     params = jax.device_put(params, placement.jax_device)
     return ModelPair(model_dir=model_dir, hf_config=hf_config, torch_model=torch_model, jax_config=jax_config,

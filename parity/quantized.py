@@ -4,7 +4,7 @@ Three 4-bit bases are built from the same float checkpoint (QLoRA, Dettmers et a
 
 - torch: ``lora_torch.quantize_base`` on transformers' float GPT-2: bitsandbytes ``Linear4bit`` (NF4, blocks of
   64, double-quantized statistics) where transformers' 4-bit loading puts them;
-- JAX: ``lora_jax.quantize_params`` on the Flax params: every Dense kernel an ``NF4Tensor`` of the (out, in)
+- JAX: ``lora_jax.load_gpt2(dir, quantize="nf4")``: every Dense kernel an ``NF4Tensor`` of the (out, in)
   weight, quantized by ``lora_jax.nf4`` (NumPy rules written after bitsandbytes' kernels);
 - the PEFT reference: transformers' own 4-bit loading (:func:`load_transformers_4bit`), the model PEFT users
   put LoRA on.
