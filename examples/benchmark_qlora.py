@@ -316,7 +316,7 @@ def speed_section(w, *, repeats: int, steps: int, warmup: int) -> dict:
         impls = [build_jax("jax_qlora", w, checkpoint, quantized=True), build_peft_qlora("peft_qlora", w, checkpoint),
                  build_jax("jax_lora", w, checkpoint, quantized=False)]
         times = time_rounds(impls, repeats, steps, warmup)
-    rows = {impl.name: summarize(impl, times[impl.name], w.batch * w.seq, None) for impl in impls}
+    rows = {impl.name: summarize(impl, times[impl.name], w.batch * w.seq, {}) for impl in impls}
     for impl in impls:
         impl.close()
     over_peft = _speedup(rows, "jax_qlora", "peft_qlora")
@@ -344,6 +344,7 @@ def _memory_markdown(memory: dict) -> Iterator[str]:
     goals = memory["goals"]
     per_param, xl = goals["bytes_per_quantized_param"], goals["xl_state_ratio"]
     yield "\n## Memory: XLA's plan of one training step (compile only, nothing allocated)\n"
+    yield from _provenance_line(memory)
     yield (f"Goal bytes per quantized parameter <= {per_param['at_most']}: {_verdict(per_param['met'])} ("
            + ", ".join(f"{k} {v:.5f}" for k, v in per_param["values"].items()) + ").\n")
     yield (f"Goal GPT-2 XL whole state (step arguments) QLoRA / fp32 LoRA <= {xl['at_most']}: "
@@ -376,6 +377,18 @@ def _memory_markdown(memory: dict) -> Iterator[str]:
            "a float32 offset per kernel).\n")
 
 
+def _load(avg: list[float]) -> str:
+    return " / ".join(f"{x:.2f}" for x in avg)
+
+
+def _provenance_line(section: dict) -> Iterator[str]:
+    if "commit" in section:  # a part rerun on its own (a merged report) names its command
+        command = f" by `{section['command']}`" if "command" in section else ""
+        load = (f"; load average {_load(section['load_average_start'])} at the start of this part, "
+                f"{_load(section['load_average_end'])} at its end" if "load_average_start" in section else "")
+        yield f"Measured at commit {section['commit']}{command}{load}.\n"
+
+
 def _fmt_speedup(r: dict) -> str:
     return f"{r['median_ratio']:.2f}x (round by round [{r['round_min']:.2f}, {r['round_max']:.2f}])"
 
@@ -385,6 +398,7 @@ def _speed_markdown(speed: dict) -> Iterator[str]:
     over, slow = goals["qlora_over_peft"], goals["qlora_slowdown"]
     yield (f"\n## Speed: GPT-2 {w['preset']} ({w['n_layer']} layers, width {w['n_embd']}, random init), batch "
            f"{w['batch']} x {w['seq']}, float32, r=16 alpha 32 on c_attn/c_proj/c_fc, AdamW, CPU\n")
+    yield from _provenance_line(speed)
     yield (f"Timing: {speed['warmup']} warm-up steps each, then {speed['repeats']} interleaved rounds of "
            f"{speed['steps_per_sample']} step(s) of each implementation, the order rotating. Tokens/s is the median "
            "with [min, max]; a ratio is the ratio of medians, with the same ratio taken round by round.\n")
@@ -410,7 +424,6 @@ def _speed_markdown(speed: dict) -> Iterator[str]:
 def qlora_markdown(report: dict) -> Iterator[str]:
     """The markdown report of a run, line by line."""
     m = report["machine"]
-    load = lambda avg: " / ".join(f"{x:.2f}" for x in avg)  # noqa: E731
     yield "# QLoRA training step: memory and CPU speed, lora_jax against PEFT + bitsandbytes\n"
     if report["preliminary"]:
         yield (f"**Preliminary, measured under load {report['load_average_start'][0]:.2f}** (1-minute load average "
@@ -419,8 +432,8 @@ def qlora_markdown(report: dict) -> Iterator[str]:
     yield (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} threads "
            f"(torch {m['torch_threads']}); {m['platform']}; python {m['python']}.\n")
     yield "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n"
-    yield (f"Load average (1 / 5 / 15 min, `os.getloadavg()`): {load(report['load_average_start'])} at the start, "
-           f"{load(report['load_average_end'])} at the end.\n")
+    yield (f"Load average (1 / 5 / 15 min, `os.getloadavg()`): {_load(report['load_average_start'])} at the start, "
+           f"{_load(report['load_average_end'])} at the end.\n")
     if "memory" in report:
         yield from _memory_markdown(report["memory"])
     if "speed" in report:
@@ -459,16 +472,31 @@ def main(args: argparse.Namespace) -> int:
     }
     report["machine"]["versions"].update(_extra_versions())
     if "memory" in args.parts:
+        measured = _provenance()
         presets = tqdm(args.configs, desc="memory (compile only)", file=sys.stderr)
         rows = [memory_row(workload(preset, args.tiny, args.chunk_size)) for preset in presets]
-        report["memory"] = {"rows": rows, "goals": memory_goals(rows)}
+        report["memory"] = {"rows": rows, "goals": memory_goals(rows), **measured,
+                            "load_average_end": list(os.getloadavg())}
     if "speed" in args.parts:
+        measured = _provenance()
         report["speed"] = speed_section(workload("small", args.tiny, args.chunk_size), repeats=args.repeats,
                                         steps=args.steps, warmup=args.warmup)
+        report["speed"].update(measured, load_average_end=list(os.getloadavg()))
     report["load_average_end"] = list(os.getloadavg())
     for path in write_qlora_report(report, os.path.join(args.out_dir, REPORT_NAME)):
         print("wrote", path)
     return 0
+
+
+def _provenance() -> dict:
+    """The commit of the code measured (``+dirty`` with local changes under lora_jax/) and the load now."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--", "lora_jax"))
+    return {"commit": commit + ("+dirty" if dirty else ""), "load_average_start": list(os.getloadavg())}
 
 
 def _extra_versions() -> dict[str, str]:
