@@ -135,9 +135,9 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message):
     assert line.startswith("benchmark_dora.py: error: ") and message in line
 
 
-def test_compare_implementations_default_keeps_its_eight_rows():
+def test_compare_implementations_default_keeps_its_nine_rows():
     steps = load_example("compare_implementations")  # it imports benchmark_steps' tables by name
     assert steps.LORA_COMPARISON == ["jax_lora", "jax_lora_logits", "torch_lora", "torch_lora_compile", "peft",
-                                     "peft_compile", "jax_full", "torch_full"]
-    assert [n for n in steps.IMPLEMENTATIONS if n not in steps.LORA_COMPARISON] == ["jax_dora", "torch_dora",
-                                                                                      "peft_dora"]
+                                     "peft_compile", "jax_full", "torch_full", "qwix"]
+    assert [n for n in steps.IMPLEMENTATIONS if n not in steps.LORA_COMPARISON] == ["jax_lora_bf16", "peft_bf16",
+                                                                                      "jax_dora", "torch_dora", "peft_dora"]
