@@ -423,10 +423,11 @@ def markdown(report: dict) -> Iterator[str]:
     m, s, rat, goals = report["machine"], report["shape"], report["ratios"], report["ratios"]["goals"]
     load = lambda avg: " / ".join(f"{x:.2f}" for x in avg)  # noqa: E731
     yield "# Mixed batches: K = 4 adapters in one batch against one adapter, lora_jax, lora_torch and PEFT\n"
-    busiest = max(report["load_average_start"][0], report["load_average_end"][0])
-    if busiest > 0.5 * m["threads"]:
-        yield (f"**Preliminary: measured under load** (1-min load average up to {busiest:.2f} on {m['threads']} "
-               "threads, other processes shared the cores). Rerun the command below on a quiet machine.\n")
+    before = report["load_average_start"][0]  # the end's load includes this benchmark's own threads
+    if before > 0.5 * m["threads"]:
+        yield (f"**Preliminary: measured under load** (1-min load average {before:.2f} at the start on "
+               f"{m['threads']} threads: other processes shared the cores). Rerun the command below on a quiet "
+               "machine.\n")
     yield f"Command: `{report['command']}`\n"
     yield (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} threads (torch "
            f"{m['torch_threads']}); {m['platform']}; python {m['python']}.\n")
