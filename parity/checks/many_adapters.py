@@ -39,7 +39,7 @@ from parity.checks.mixed_training import (
 )
 from parity.pair import ModelPair
 from parity.peft_reference import peft_available, reference_rows
-from parity.results import StageResult, compare_arrays, compare_named_arrays
+from parity.results import StageResult, Tolerance, compare_arrays, compare_named_arrays
 from parity.tolerances import tolerance_for
 from parity.transfer import adapter_to_named
 
@@ -50,6 +50,12 @@ COMBINED = "combined"
 # store float32 factors, so the difference is float32 rounding of |delta| (rel ~1e-7). The bound is the
 # merged-weights kind's (one float32 product of identical operands).
 _COMBINATION_KIND = "merged_weights"
+# PEFT takes the svd combination's SVD of the float32 delta (torch.linalg.svd in float32). Its rounding, ~6e-8 x
+# |delta|, moves the truncated rank-k result by that times sigma_1 / (sigma_k - sigma_k+1), which a close pair of
+# singular values makes large: measured 2.5e-6 to 1.1e-5 relative over random adapters on the tiny and embedded
+# GPT-2s (the halves take it in float64 and are held to 1e-6). The bound keeps 10x room for small gaps; a wrong
+# rank, scaling or weight moves the delta by O(1).
+_PEFT_SVD_TOLERANCE = Tolerance(rtol=1e-4, why="PEFT's float32 SVD, truncated: rounding grown by 1/spectral gap")
 
 
 @dataclass(frozen=True)
@@ -331,10 +337,9 @@ def check_combination(many: ManyAdapters, input_ids: np.ndarray, weights: Sequen
         if peft_available() and not first_rslora:  # PEFT copies the first input's rsLoRA: its gap is documented
             label = f"[{kind}] peft add_weighted_adapter delta vs dense float64 ({what})"
 
-            # PEFT takes its svd of the float32 delta (torch.linalg.svd): float32 SVD rounding, measured 2.5e-6 rel
-            # on the tiny GPT-2, so its row takes the logits bound (1e-5); its cat and linear are products of
-            # float32 factors, held to the merged-weights bound like the halves.
-            peft_tol = tolerance_for("logits", many.pair.dtype) if kind == "svd" else tol
+            # PEFT's cat and linear are products of float32 factors, held to the merged-weights bound like the
+            # halves; its svd is its own (see _PEFT_SVD_TOLERANCE).
+            peft_tol = _PEFT_SVD_TOLERANCE if kind == "svd" else tol
 
             def peft_row(kind: str = kind, label: str = label, reference: dict = reference, t: Any = peft_tol) -> list:
                 peft = copy.deepcopy(many.peft_model)
