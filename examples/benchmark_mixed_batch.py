@@ -421,19 +421,15 @@ def _r(ratio: dict | None) -> str:
 
 def markdown(report: dict) -> Iterator[str]:
     m, s, rat, goals = report["machine"], report["shape"], report["ratios"], report["ratios"]["goals"]
-    load = lambda avg: " / ".join(f"{x:.2f}" for x in avg)  # noqa: E731
     yield "# Mixed batches: K = 4 adapters in one batch against one adapter, lora_jax, lora_torch and PEFT\n"
     before = report["load_average_start"][0]  # the end's load includes this benchmark's own threads
     if before > 0.5 * m["threads"]:
         yield (f"**Preliminary: measured under load** (1-min load average {before:.2f} at the start on "
                f"{m['threads']} threads: other processes shared the cores). Rerun the command below on a quiet "
                "machine.\n")
-    yield f"Command: `{report['command']}`\n"
-    yield (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} threads (torch "
-           f"{m['torch_threads']}); {m['platform']}; python {m['python']}.\n")
-    yield "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n"
-    yield (f"Load average (1 / 5 / 15 min, `os.getloadavg()`): {load(report['load_average_start'])} at the start, "
-           f"{load(report['load_average_end'])} at the end.\n")
+    from benchmark_report import run_header_lines
+
+    yield from run_header_lines(report)
     yield (f"Workload: GPT-2 ({s['n_layer']} layers, width {s['n_embd']}, vocabulary {s['vocab']}, random init), "
            f"batch {s['batch']} x {s['seq']}, float32, r={RANK} alpha {ALPHA:g} on {'/'.join(TARGETS)}. Mixed "
            f"batch: example i uses `{report['names']}`[i]. Single: every example uses `default`.\n")

@@ -423,17 +423,13 @@ def _speed_markdown(speed: dict) -> Iterator[str]:
 
 def qlora_markdown(report: dict) -> Iterator[str]:
     """The markdown report of a run, line by line."""
-    m = report["machine"]
     yield "# QLoRA training step: memory and CPU speed, lora_jax against PEFT + bitsandbytes\n"
     if report["preliminary"]:
         yield (f"**Preliminary, measured under load {report['load_average_start'][0]:.2f}** (1-minute load average "
                f"at the start above {report['load_limit']}); to be rerun on a quiet machine.\n")
-    yield f"Command: `{report['command']}`\n"
-    yield (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} threads "
-           f"(torch {m['torch_threads']}); {m['platform']}; python {m['python']}.\n")
-    yield "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n"
-    yield (f"Load average (1 / 5 / 15 min, `os.getloadavg()`): {_load(report['load_average_start'])} at the start, "
-           f"{_load(report['load_average_end'])} at the end.\n")
+    from benchmark_report import run_header_lines
+
+    yield from run_header_lines(report)
     if "memory" in report:
         yield from _memory_markdown(report["memory"])
     if "speed" in report:

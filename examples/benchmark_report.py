@@ -333,18 +333,35 @@ def _fmt_ratio(ratio: dict | None) -> str:
     return "-" if ratio is None else f"{ratio['median_ratio']:.2f} [{ratio['round_min']:.2f}, {ratio['round_max']:.2f}]"
 
 
-def _dora_markdown(report: dict) -> Iterator[str]:
-    m, config, ratios = report["machine"], report["config"], report["ratios"]
-    w, goal = config["workload"], ratios["goal"]
-    over_base = ratios["over_" + DORA_BASELINE]
+def run_header_lines(report: dict) -> Iterator[str]:
+    """The command, machine, package versions and load average of a benchmark report, as markdown paragraphs.
+
+    >>> report = {"command": "python b.py", "load_average_start": [0.5, 1, 2], "load_average_end": [2, 1, 0.5],
+    ...           "machine": {"cpu": "CPU", "logical_cores": 2, "threads": 2, "torch_threads": 2, "platform": "Linux",
+    ...                       "python": "3.11", "versions": {"jax": "0.10"}}}
+    >>> print("".join(run_header_lines(report)))
+    Command: `python b.py`
+    Machine: CPU, 2 logical cores, 2 threads (torch 2); Linux; python 3.11.
+    Versions: jax 0.10.
+    Load average (1 / 5 / 15 min, `os.getloadavg()`): 0.50 / 1.00 / 2.00 at the start, 2.00 / 1.00 / 0.50 at the end.
+    <BLANKLINE>
+    """
+    m = report["machine"]
     load = lambda avg: " / ".join(f"{x:.2f}" for x in avg)  # noqa: E731
-    yield "# DoRA against plain LoRA: one training step, lora_jax, lora_torch and PEFT\n"
     yield f"Command: `{report['command']}`\n"
     yield (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} threads "
            f"(torch {m['torch_threads']}); {m['platform']}; python {m['python']}.\n")
     yield "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n"
     yield (f"Load average (1 / 5 / 15 min, `os.getloadavg()`): {load(report['load_average_start'])} at the start, "
            f"{load(report['load_average_end'])} at the end.\n")
+
+
+def _dora_markdown(report: dict) -> Iterator[str]:
+    config, ratios = report["config"], report["ratios"]
+    w, goal = config["workload"], ratios["goal"]
+    over_base = ratios["over_" + DORA_BASELINE]
+    yield "# DoRA against plain LoRA: one training step, lora_jax, lora_torch and PEFT\n"
+    yield from run_header_lines(report)
     yield (f"Timing: {report['warmup']} warm-up steps each, then {report['steps']} interleaved rounds "
            "(one step of every implementation per round, rotating order). Tokens/s is the median with [min, max]. "
            "A ratio is the ratio of the two medians, with in brackets the range of the same ratio taken "
