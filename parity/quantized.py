@@ -24,15 +24,12 @@ parity.validation.BadInput: --quantize fp4 is not supported; choose from nf4 (bi
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 from parity.validation import BadInput
 
 QUANTIZE_CHOICES = ("nf4",)
-# The range pyproject's qlora extra pins: lora_jax.nf4 reproduces bitsandbytes 0.50's CPU kernels.
-BITSANDBYTES_INSTALL = 'pip install "bitsandbytes>=0.45,<0.51"'
 # transformers' BitsAndBytesConfig for the reference: QLoRA's NF4 with double quantization, float32 compute.
 _BNB_CONFIG = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
 
@@ -66,12 +63,16 @@ def check_quantize_flags(quantize: str, *, device: str, dtype: str, adapters: in
 
 
 def check_bitsandbytes() -> None:
-    """Imports bitsandbytes (the torch half and the reference need it); a failure names the install command."""
+    """Imports bitsandbytes (the torch half and the reference need it) as lora_torch does; a failure is bad input.
+
+    lora_torch's error already names the install command (``lora_torch.quantize.INSTALL_HINT``).
+    """
+    from lora_torch.quantize import BitsandbytesMissingError, import_bitsandbytes
+
     try:
-        importlib.import_module("bitsandbytes")
-    except ImportError as error:
-        raise BadInput(f"--quantize nf4 needs bitsandbytes, which is not importable here ({error}); install it with: "
-                       f"{BITSANDBYTES_INSTALL} (or pip install -e .[qlora] in this repository).") from error
+        import_bitsandbytes()
+    except BitsandbytesMissingError as error:
+        raise BadInput(f"--quantize nf4 needs bitsandbytes: {error}") from error
 
 
 def check_quantize_targets(modules: Any, source: str) -> None:
