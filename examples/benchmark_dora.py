@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))  # sibling modules when run as a script
 # benchmark_steps imports jax and torch only inside its builders, so the environment set below still takes effect.
-from benchmark_steps import set_backend_environment  # noqa: E402
+from benchmark_steps import CHUNK_SIZE, set_backend_environment  # noqa: E402
 
 DORA_IMPLEMENTATIONS = ["jax_lora", "jax_dora", "torch_lora", "torch_dora", "peft", "peft_dora"]
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmark_dora")
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="override GPT-2 small's 12 layers (smoke runs)")
     p.add_argument("--impls", nargs="+", choices=DORA_IMPLEMENTATIONS, default=None,
                    help="subset of implementations to run (default: all six)")
-    p.add_argument("--chunk-size", type=int, default=128, help="token rows per LM-head chunk (jax rows)")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="token rows per LM-head chunk (jax rows)")
     p.add_argument("--out", default=None, help="output prefix, .json and .md are added (default docs/benchmark_dora)")
     args = p.parse_args(argv)
     too_small = [f"--{n.replace('_', '-')} must be >= 1, got {getattr(args, n)}"

@@ -6,7 +6,7 @@ mixed batch example ``i`` uses ``(default, a1, a2, a3, __base__)[i % 5]``, so ev
 appear; the single-adapter batch runs ``default`` alone. Rows:
 
 - forward (logits, no gradient) and training step (AdamW) for ``jax`` (``lora_apply``; ``make_train_step``
-  with ``lm_loss(model, chunk_size=128)``) and ``torch`` (``lora_torch``, eager; mixed through
+  with ``lm_loss(model, chunk_size=256)``) and ``torch`` (``lora_torch``, eager; mixed through
   ``with adapter_names(model, names)``), each on the single-adapter batch and on the mixed batch;
 - ``peft`` single forward and training step, and mixed forward (``model(ids, adapter_names=names)``).
   PEFT refuses ``adapter_names`` in training mode, so it has no mixed training row;
@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(__file__))  # sibling modules when run as a script
 # benchmark_steps imports jax and torch only inside its builders, so the environment set below still takes effect.
-from benchmark_steps import ALPHA, LR, RANK, TARGETS, set_backend_environment  # noqa: E402
+from benchmark_steps import ALPHA, CHUNK_SIZE, LR, RANK, TARGETS, set_backend_environment  # noqa: E402
 
 ADAPTERS = ("default", "a1", "a2", "a3")  # K = 4; "default" is PEFT's and lora_torch's first adapter
 BASE = "__base__"
@@ -231,7 +231,7 @@ def jax_rows(shape: dict) -> tuple[list[Row], dict]:
         checks[row.name] = {**_max_rel_diff(compiled(params, adapters, ids, adapter_names=example_ids), reference),
                             "adapters_move_logits_by": effect}
         rows.append(row)
-    step = make_train_step(lm_loss(model, chunk_size=min(128, shape["batch"] * shape["seq"])), optax.adamw(LR))
+    step = make_train_step(lm_loss(model, chunk_size=min(CHUNK_SIZE, shape["batch"] * shape["seq"])), optax.adamw(LR))
     for batch, trained, names in (("single", members["default"], None), ("mixed", adapters, example_ids)):
         data = Batch(ids, adapter_ids=names)
         state = [jax.tree_util.tree_map(lambda x: x.copy(), trained)]

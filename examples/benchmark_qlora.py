@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(__file__))  # sibling modules when run as a script
 # benchmark_steps imports jax and torch only inside its builders, so the environment set below still takes effect.
-from benchmark_steps import set_backend_environment  # noqa: E402
+from benchmark_steps import CHUNK_SIZE, set_backend_environment  # noqa: E402
 
 PRESETS = {"small": dict(n_embd=768, n_layer=12, n_head=12), "xl": dict(n_embd=1600, n_layer=48, n_head=25)}
 TINY = dict(n_embd=64, n_layer=2, n_head=2, vocab=256, n_positions=64)
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation (compilation)")
     p.add_argument("--configs", default=None, help="memory shapes, comma-separated: small,xl (default both)")
     p.add_argument("--parts", default=",".join(PARTS), help="what to run, comma-separated: memory,speed")
-    p.add_argument("--chunk-size", type=int, default=128, help="token rows per LM-head chunk (jax rows)")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="token rows per LM-head chunk (jax rows)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer width-64 GPT-2, batch 2 x 16 (tests)")
     p.add_argument("--out-dir", default=None, help="folder for benchmark_qlora.{json,md} (default docs/)")
     args = p.parse_args(argv)
@@ -412,7 +412,7 @@ def _speed_markdown(speed: dict) -> Iterator[str]:
         yield (f"| {r['name']} | {r['framework']} | {base} | {r['tokens_per_s_median']:.0f} "
                f"[{r['tokens_per_s_min']:.0f}, {r['tokens_per_s_max']:.0f}] | {1000 * r['step_s_median']:.0f} | "
                f"{r['achieved_gflops']:.0f} | {r['peak_rss_mb']:.0f} | {r['warmup_s']:.1f} |")
-    yield ("\nThe JAX rows use the chunked LM-head loss (`lm_loss(model, chunk_size=128)`) and dequantize the NF4 "
+    yield (f"\nThe JAX rows use the chunked LM-head loss (`lm_loss(model, chunk_size={w['chunk_size']})`) and dequantize the NF4 "
            "kernels inside the jitted step; peft_qlora computes full float32 logits, as users run it, and its "
            "bitsandbytes `Linear4bit` layers dequantize in every forward and backward. PEFT runs without "
            "`prepare_model_for_kbit_training`, whose gradient checkpointing would time a different step. "

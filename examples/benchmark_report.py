@@ -388,7 +388,7 @@ def _dora_markdown(report: dict) -> Iterator[str]:
         yield f"\nSkipped (not installed): {', '.join(config['skipped'])}.\n"
     yield ("\nDoRA / plain divides a DoRA row by the plain LoRA row of the same framework (jax_dora / jax_lora, "
            "torch_dora / torch_lora, peft_dora / peft). The JAX rows use the chunked LM-head loss "
-           "(`lm_loss(model, chunk_size=128)`); the torch rows compute full float32 logits, as users run them. "
+           f"(`lm_loss(model, chunk_size={w['chunk_size']})`); the torch rows compute full float32 logits, as users run them. "
            "The analytic FLOP count (`analytic_flops` in examples/benchmark_steps.py) adds DoRA's per-step "
            "product A B inside the detached weight norm ||W0 + s A B||; the norm's memory traffic and the "
            "factorised output's elementwise work are not FLOPs it counts. Peak RSS is the whole process "

@@ -19,6 +19,9 @@ from typing import Any
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 RANK, ALPHA, LR = 16, 32.0, 1e-4
+# lora_jax.training.chunked_loss.DEFAULT_CHUNK_SIZE, repeated here because this module must not import jax
+# before set_backend_environment (tests/examples/test_benchmark_steps.py checks that the two agree).
+CHUNK_SIZE = 256
 
 
 def set_backend_environment(device: str, threads: int) -> None:
@@ -44,7 +47,7 @@ class Workload:
     seq: int
     dtype: str  # "float32" or "bfloat16" (compute; LoRA params stay float32)
     device: str
-    chunk_size: int = 128
+    chunk_size: int = CHUNK_SIZE
     vocab: int = 50257
     n_positions: int = 1024
 

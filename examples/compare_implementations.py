@@ -3,7 +3,7 @@
 Every implementation trains the same GPT-2 shape (random init, no download) on the same batch,
 with LoRA rank 16 (alpha 32) on ``c_attn``, ``c_proj`` and ``c_fc`` and AdamW:
 
-- ``jax_lora``: ``lora_jax`` with ``lm_loss(model, chunk_size=128)`` (``--chunk-size``), the
+- ``jax_lora``: ``lora_jax`` with ``lm_loss(model, chunk_size=256)`` (``--chunk-size``), the
   chunked, gradient-fused LM-head loss; jitted, donated buffers.
 - ``jax_lora_logits``: the same with ``lm_loss(model)``, the plain full-logits loss (shows what the
   chunked head buys).
@@ -45,6 +45,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))  # sibling modules when run as a script
 # benchmark_steps imports jax and torch only inside its builders, so the flags below still take effect.
 from benchmark_steps import (  # noqa: E402
+    CHUNK_SIZE,
     BF16_ROWS,
     IMPLEMENTATIONS,
     LORA_COMPARISON,
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="override n_layer (smoke runs)")
     p.add_argument("--impls", nargs="+", choices=list(IMPLEMENTATIONS), default=None,
                    help="implementations to run (default: all but the DoRA ones, which benchmark_dora.py compares)")
-    p.add_argument("--chunk-size", type=int, default=128, help="token rows per LM-head chunk (jax_lora)")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="token rows per LM-head chunk (jax_lora)")
     p.add_argument("--no-memory-table", action="store_true", help="skip the compile-only remat memory table")
     p.add_argument("--bf16", action="store_true",
                    help=f"also time the bf16-compute rows {' and '.join(BF16_ROWS)} against their float32 twins at "

@@ -32,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from benchmark_steps import RANK, Workload, set_backend_environment  # noqa: E402
+from benchmark_steps import CHUNK_SIZE, RANK, Workload, set_backend_environment  # noqa: E402
 
 PARTS = ("lm_head_ce", "lora", "block_matmuls", "attention", "ln_gelu", "optimizer", "other")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
@@ -127,14 +127,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--chunk-size", type=int, default=128, help="LM-head chunk rows; 0: full logits")
+    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="LM-head chunk rows; 0: full logits")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if min(args.threads, args.layers, args.steps) < 1 or args.chunk_size < 0:
         p.error("--threads, --layers and --steps must be >= 1, --chunk-size >= 0")
     set_backend_environment("cpu", args.threads)
     w = Workload(preset="small", n_embd=768, n_layer=args.layers, n_head=12, batch=4, seq=128, dtype="float32",
-                 device="cpu", chunk_size=args.chunk_size or 128)
+                 device="cpu", chunk_size=args.chunk_size or CHUNK_SIZE)
     result = profile(w, args.steps, chunked=args.chunk_size > 0)
     result["load_average"] = os.getloadavg()
     print(f"wall {result['wall_ms_per_step']:.0f} ms/step, ops {result['ops_ms_per_step']:.0f} ms/step")

@@ -53,7 +53,7 @@ from lora_jax.training.sharding import make_mesh, shard_train_step, train_shardi
 from lora_torch.tensor_files import atomic_destination  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # sibling module when run as a script
-from benchmark_steps import TARGETS, xla_memory_plan_mib  # noqa: E402
+from benchmark_steps import CHUNK_SIZE, TARGETS, xla_memory_plan_mib  # noqa: E402
 
 
 def _with_shardings(tree, shardings):
@@ -75,7 +75,7 @@ def step_memory(spec: str, args: argparse.Namespace, devices: list) -> dict:
     mesh = make_mesh(spec, devices)
     sh = train_shardings(frozen, adapter, opt_state, mesh)
     batch = Batch(jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32, sharding=sh.batch))
-    loss_fn = lm_loss(model, chunk_size=128)  # the chunked LM head, 128 tokens per chunk
+    loss_fn = lm_loss(model, chunk_size=CHUNK_SIZE)  # the chunked LM head
     step = shard_train_step(make_train_step(loss_fn, tx), frozen, adapter, opt_state, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(_with_shardings(adapter, sh.adapter), _with_shardings(opt_state, sh.opt_state),

@@ -49,6 +49,7 @@ from lora_jax.embedded.base import ensure_base, target_corpus  # noqa: E402
 from lora_jax.gpt2.generation import generate  # noqa: E402
 from lora_jax.gpt2.loading import resolve_model_dir  # noqa: E402
 from lora_jax.training.checkpoint import CheckpointMismatchError, TrainState, latest_intact_checkpoint  # noqa: E402
+from lora_jax.training.chunked_loss import DEFAULT_CHUNK_SIZE  # noqa: E402
 from lora_jax.training.losses import eval_loss  # noqa: E402
 from lora_jax.training.text_data import WindowSampler, heldout_windows, split_heldout  # noqa: E402
 from train_guard import (EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_DIVERGED, BadInput, CheckFailed,  # noqa: E402
@@ -56,7 +57,6 @@ from train_guard import (EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_DIVERGED, BadIn
 from train_run_dir import RunDir, open_run_dir, start_state  # noqa: E402
 
 MAX_EVAL_WINDOWS = 128  # bounds eval time on big --data files; the default held-out text is smaller
-CHUNK_SIZE = 128  # tokens per block of the chunked LM head: the (B, T, V) logits never exist
 # The first 48 held-out tokens as the prompt: enough context for the small base to pick up the register.
 PROMPT_TOKENS, NEW_TOKENS = 48, 48
 OPTIMIZER_FLAGS = ("lr", "steps", "warmup", "weight_decay", "clip_norm", "grad_accum")
@@ -123,7 +123,7 @@ def compiled_programs(model: GPT2, optimizer: tuple[tuple[str, Any], ...]):
     """``(tx, step_fn, eval_fn)``, cached so repeated ``main()`` calls in one process (a notebook, a
     sweep, the tests) reuse the compiled programs instead of recompiling identical ones."""
     tx = make_optimizer(**dict(optimizer))
-    loss_fn = lm_loss(model, chunk_size=CHUNK_SIZE)
+    loss_fn = lm_loss(model, chunk_size=DEFAULT_CHUNK_SIZE)  # the (B, T, V) logits never exist
     return tx, make_train_step(loss_fn, tx), jax.jit(eval_loss(loss_fn))
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from lora_format.json_files import read_json_object
 from lora_jax.gpt2.activations import ACTIVATIONS, LEARNED_ACTIVATIONS, UNSUPPORTED_ACTIVATIONS, PReLU
+from lora_jax.gpt2.attention import causal_attention
 
 Params = dict[str, Any]
 
@@ -249,9 +250,11 @@ def _dense(features: int, name: str, dtype: Any, param_dtype: Any, std: float) -
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention; ``c_attn`` packs q, k, v along its output axis.
 
-    ``jax.nn.dot_product_attention`` forms ``q k^T`` with float32 accumulation and output, and
-    takes the softmax in float32, whatever the compute dtype: the "upcast" of transformers'
-    ``reorder_and_upcast_attn``, always on.
+    Both paths form ``q k^T`` with float32 accumulation and output and take the softmax in float32,
+    whatever the compute dtype: the "upcast" of transformers' ``reorder_and_upcast_attn``, always on.
+    Without a cache (training, scoring) it is ``lora_jax.gpt2.attention.causal_attention``, whose
+    backward pass is written for speed; with a cache (generation) ``jax.nn.dot_product_attention``
+    with a position mask.
     """
 
     config: GPT2Config
@@ -262,28 +265,31 @@ class CausalSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, layer_cache: tuple[jax.Array, jax.Array] | None, start: jax.Array | None):
         cfg = self.config
-        b, t, d = x.shape
+        d = x.shape[-1]
         scale = cfg.attention_scale(self.layer_idx)
         qkv = _dense(3 * d, "c_attn", self.dtype, self.param_dtype, _INIT_STD)(x)  # (B, T, 3D)
-        q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))  # (B, T, nh, hs)
         if layer_cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)  # (B, T, nh, hs)
-            new_layer_cache = None
+            y, new_layer_cache = causal_attention(qkv, cfg.n_head, scale), None  # (B, T, D)
         else:
-            k_all, v_all = (
-                jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, start, 0, 0))
-                for buf, new in zip(layer_cache, (k, v))
-            )  # (B, S, nh, hs)
-            # Query i sits at position start + i and may see every cached position up to itself.
-            q_pos = start + jnp.arange(t)  # (T,)
-            kv_pos = jnp.arange(k_all.shape[1])  # (S,)
-            mask = (kv_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
-            y = jax.nn.dot_product_attention(
-                q, k_all.astype(q.dtype), v_all.astype(q.dtype), scale=scale, mask=mask
-            )  # (B, T, nh, hs)
-            new_layer_cache = (k_all, v_all)
-        y = y.reshape(b, t, d)  # (B, T, D)
+            y, new_layer_cache = _cached_attention(qkv, cfg, scale, layer_cache, start)
         return _dense(d, "c_proj", self.dtype, self.param_dtype, _residual_std(cfg))(y), new_layer_cache
+
+
+def _cached_attention(qkv: jax.Array, cfg: GPT2Config, scale: float, layer_cache: tuple[jax.Array, jax.Array],
+                      start: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Attention of the new positions over the cache with their keys and values written in at ``start``."""
+    b, t, three_d = qkv.shape
+    q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))  # (B, T, nh, hs)
+    k_all, v_all = (
+        jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, start, 0, 0))
+        for buf, new in zip(layer_cache, (k, v))
+    )  # (B, S, nh, hs)
+    # Query i sits at position start + i and may see every cached position up to itself.
+    q_pos = start + jnp.arange(t)  # (T,)
+    kv_pos = jnp.arange(k_all.shape[1])  # (S,)
+    mask = (kv_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+    y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), scale=scale, mask=mask)
+    return y.reshape(b, t, three_d // 3), (k_all, v_all)  # (B, T, D)
 
 
 class MLP(nn.Module):

@@ -128,3 +128,10 @@ def test_non_positive_counts_are_refused_with_every_reason(capsys):
     err = capsys.readouterr().err
     # --layers 0 used to mean "the preset's depth" (a falsy override); now it is refused like the others.
     assert "--steps must be >= 1, got 0; --chunk-size must be >= 1, got -1; --layers must be >= 1, got 0" in err
+
+
+def test_benchmark_chunk_size_is_lora_jax_default():
+    # benchmark_steps repeats the constant so that it can be imported before jax; the two must not drift apart.
+    from lora_jax.training.chunked_loss import DEFAULT_CHUNK_SIZE
+
+    assert load_example("profile_cpu_step").CHUNK_SIZE == DEFAULT_CHUNK_SIZE == 256  # from benchmark_steps
