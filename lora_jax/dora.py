@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax.delta import lora_delta
+from lora_jax.delta import lora_delta, lora_product
 
 
 def weight_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
@@ -87,9 +87,7 @@ def dora_extra(
         base = jnp.matmul(x_branch, kernel.astype(dtype), precision=precision)
     else:
         base = y if bias is None else y - bias.astype(dtype)
-    h = jnp.matmul(x_branch, a.astype(dtype), precision=precision)
-    lora = jnp.matmul(h, b.astype(dtype), precision=precision) * jnp.asarray(scaling, dtype)
-    return (factor - 1) * base + factor * lora
+    return (factor - 1) * base + factor * lora_product(x_branch, a, b, scaling, dtype=dtype, precision=precision)
 
 
 def merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Array, scaling: float) -> jax.Array:
