@@ -106,7 +106,9 @@ def lm_loss(model: Any, *, chunk_size: int | None = None) -> LossFn:
         chunk_size: None for the full logits; an int computes the loss through the tied LM head
             in chunks of that many tokens (``lora_jax.training.chunked_loss``), which needs a
             ``GPT2`` (its ``hidden`` method and tied ``wte``). The chunked path does not
-            differentiate the tied embedding, so it is for LoRA training, not pre-training.
+            differentiate the tied embedding, so it is for LoRA training, not pre-training. For
+            LoRA training pass ``chunk_size=DEFAULT_CHUNK_SIZE`` (256, from ``chunked_loss``), as the
+            main job does: it is the faster path on CPU (docs/performance.md) and never holds the logits.
 
     Raises:
         TypeError: ``model`` has no ``apply``, or ``chunk_size`` is set for a model without a tied head.

@@ -16,11 +16,12 @@ def test_committed_cpu_report_rerenders_byte_for_byte(tmp_path):
     report_module = load_example("benchmark_report")
     committed = DOCS / "benchmark_cpu.json"
     paths = report_module.write_report(json.loads(committed.read_text()), str(tmp_path / "bench"))
-    assert paths == [str(tmp_path / f"bench{ext}") for ext in (".json", ".md", ".png")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png"]  # no temp files
+    names = ["bench.json", "bench.md", "bench.png", "bench_scaling.png"]  # the committed run has the --scaling table
+    assert paths == [str(tmp_path / name) for name in names]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # no temp files
     assert Path(paths[0]).read_bytes() == committed.read_bytes()
     assert Path(paths[1]).read_bytes() == (DOCS / "benchmark_cpu.md").read_bytes()
-    assert Path(paths[2]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in paths[2:])
 
 
 
