@@ -377,15 +377,13 @@ def _memory_markdown(memory: dict) -> Iterator[str]:
            "a float32 offset per kernel).\n")
 
 
-def _load(avg: list[float]) -> str:
-    return " / ".join(f"{x:.2f}" for x in avg)
-
-
 def _provenance_line(section: dict) -> Iterator[str]:
     if "commit" in section:  # a part rerun on its own (a merged report) names its command
         command = f" by `{section['command']}`" if "command" in section else ""
-        load = (f"; load average {_load(section['load_average_start'])} at the start of this part, "
-                f"{_load(section['load_average_end'])} at its end" if "load_average_start" in section else "")
+        from benchmark_report import load_text
+
+        load = (f"; load average {load_text(section['load_average_start'])} at the start of this part, "
+                f"{load_text(section['load_average_end'])} at its end" if "load_average_start" in section else "")
         yield f"Measured at commit {section['commit']}{command}{load}.\n"
 
 

@@ -333,6 +333,15 @@ def _fmt_ratio(ratio: dict | None) -> str:
     return "-" if ratio is None else f"{ratio['median_ratio']:.2f} [{ratio['round_min']:.2f}, {ratio['round_max']:.2f}]"
 
 
+def load_text(avg: list[float]) -> str:
+    """A load-average triple as markdown text.
+
+    >>> load_text([0.5, 1, 2])
+    '0.50 / 1.00 / 2.00'
+    """
+    return " / ".join(f"{x:.2f}" for x in avg)
+
+
 def run_header_lines(report: dict) -> Iterator[str]:
     """The command, machine, package versions and load average of a benchmark report, as markdown paragraphs.
 
@@ -347,13 +356,12 @@ def run_header_lines(report: dict) -> Iterator[str]:
     <BLANKLINE>
     """
     m = report["machine"]
-    load = lambda avg: " / ".join(f"{x:.2f}" for x in avg)  # noqa: E731
     yield f"Command: `{report['command']}`\n"
     yield (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} threads "
            f"(torch {m['torch_threads']}); {m['platform']}; python {m['python']}.\n")
     yield "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".\n"
-    yield (f"Load average (1 / 5 / 15 min, `os.getloadavg()`): {load(report['load_average_start'])} at the start, "
-           f"{load(report['load_average_end'])} at the end.\n")
+    yield (f"Load average (1 / 5 / 15 min, `os.getloadavg()`): {load_text(report['load_average_start'])} at the "
+           f"start, {load_text(report['load_average_end'])} at the end.\n")
 
 
 def _dora_markdown(report: dict) -> Iterator[str]:

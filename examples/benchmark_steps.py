@@ -20,7 +20,7 @@ from typing import Any
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 RANK, ALPHA, LR = 16, 32.0, 1e-4
 # lora_jax.training.chunked_loss.DEFAULT_CHUNK_SIZE, repeated here because this module must not import jax
-# before set_backend_environment (tests/examples/test_benchmark_steps.py checks that the two agree).
+# before set_backend_environment (tests/examples/test_compare_implementations.py checks that the two agree).
 CHUNK_SIZE = 256
 
 

@@ -45,8 +45,8 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))  # sibling modules when run as a script
 # benchmark_steps imports jax and torch only inside its builders, so the flags below still take effect.
 from benchmark_steps import (  # noqa: E402
-    CHUNK_SIZE,
     BF16_ROWS,
+    CHUNK_SIZE,
     IMPLEMENTATIONS,
     LORA_COMPARISON,
     Workload,

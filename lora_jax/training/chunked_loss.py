@@ -49,10 +49,17 @@ def _chunk_logits(h_cd: jax.Array, embedding: jax.Array) -> jax.Array:
     return jnp.einsum("cd,vd->cv", h_cd, embedding, preferred_element_type=jnp.float32)
 
 
-def _nll_and_lse(logits_cv: jax.Array, target_c: jax.Array) -> tuple[jax.Array, jax.Array]:
-    lse_c = jax.nn.logsumexp(logits_cv, axis=-1)
+def _softmax_nll(logits_cv: jax.Array, target_c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(nll, exp(logits - max), their row sums)`` of a chunk: the loss and, from the same exp, its gradient.
+
+    The plain forward and the fused one both take the loss from here, so a step reports the value an
+    evaluation computes.
+    """
+    max_c1 = jnp.max(logits_cv, axis=-1, keepdims=True)
+    exp_cv = jnp.exp(logits_cv - max_c1)
+    sum_c1 = jnp.sum(exp_cv, axis=-1, keepdims=True)
     target_logit_c = jnp.take_along_axis(logits_cv, target_c[:, None], axis=-1)[:, 0]
-    return lse_c - target_logit_c, lse_c
+    return max_c1[:, 0] + jnp.log(sum_c1[:, 0]) - target_logit_c, exp_cv, sum_c1
 
 
 def _split_chunks(hidden_nd, targets_n, weights_n, chunk_size):
@@ -83,7 +90,7 @@ def _weighted_mean_nll(chunk_size, embedding_grad, hidden_nd, embedding, targets
 
     def body(total, chunk):
         h_cd, t_c, w_c = chunk
-        nll_c, _ = _nll_and_lse(_chunk_logits(h_cd, embedding), t_c)
+        nll_c, _, _ = _softmax_nll(_chunk_logits(h_cd, embedding), t_c)
         return total + jnp.sum(w_c * nll_c), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, w))
@@ -91,14 +98,6 @@ def _weighted_mean_nll(chunk_size, embedding_grad, hidden_nd, embedding, targets
 
 
 _fused = jax.custom_vjp(_weighted_mean_nll, nondiff_argnums=(0, 1))
-
-
-def _softmax_parts(logits_cv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(exp(logits - max), their row sums, logsumexp)``: one exp over the block serves the loss and its gradient."""
-    max_c1 = jnp.max(logits_cv, axis=-1, keepdims=True)
-    exp_cv = jnp.exp(logits_cv - max_c1)
-    sum_c1 = jnp.sum(exp_cv, axis=-1, keepdims=True)
-    return exp_cv, sum_c1, max_c1[:, 0] + jnp.log(sum_c1[:, 0])
 
 
 def _fused_fwd(chunk_size, embedding_grad, hidden_nd, embedding, targets_n, weights_n):
@@ -110,8 +109,7 @@ def _fused_fwd(chunk_size, embedding_grad, hidden_nd, embedding, targets_n, weig
         total, d_embedding = carry
         h_cd, t_c, w_c = chunk
         logits_cv = _chunk_logits(h_cd, embedding)
-        exp_cv, sum_c1, lse_c = _softmax_parts(logits_cv)
-        target_logit_c = jnp.take_along_axis(logits_cv, t_c[:, None], axis=-1)[:, 0]
+        nll_c, exp_cv, sum_c1 = _softmax_nll(logits_cv, t_c)
         # d loss / d logits = (softmax - onehot(target)) * weight. The softmax part goes through the matmul;
         # the one-hot part is the target's embedding row, gathered, so no (chunk, V) one-hot is built.
         row_scale_c = w_c * inv_denominator
@@ -123,7 +121,7 @@ def _fused_fwd(chunk_size, embedding_grad, hidden_nd, embedding, targets_n, weig
             d_embedding = d_embedding + jnp.einsum(
                 "cv,cd->vd", d_softmax_cv.astype(h_cd.dtype), h_cd, preferred_element_type=jnp.float32)
             d_embedding = d_embedding.at[t_c].add(-row_scale_c[:, None] * h_cd.astype(jnp.float32))
-        return (total + jnp.sum(w_c * (lse_c - target_logit_c)), d_embedding), d_h_cd.astype(h_cd.dtype)
+        return (total + jnp.sum(w_c * nll_c), d_embedding), d_h_cd.astype(h_cd.dtype)
 
     d_embedding0 = jnp.zeros(embedding.shape, jnp.float32) if embedding_grad else jnp.zeros((), jnp.float32)
     (total, d_embedding), d_h = jax.lax.scan(body, (jnp.zeros((), jnp.float32), d_embedding0), (h, t, w))
